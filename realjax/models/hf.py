@@ -1,0 +1,278 @@
+"""HF checkpoints in and out: ``from_pretrained`` (local dir -> sharded NNX model) and ``save_pretrained``.
+
+Loading never builds the whole model on one host: each safetensors tensor is memory-mapped, and every
+device's shard is read straight from the file (``jax.make_array_from_callback``), converted to the
+parameter dtype, and placed. Saving streams one tensor at a time into safetensors files (split at
+``max_shard_bytes``, with an index), written by process 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from realjax import sharding as shd
+from realjax.models.config import ModelConfig, config_to_hf, load_hf_config
+from realjax.models.transformer import Transformer
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json", "added_tokens.json")
+# Buffers some exporters include that are not parameters.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ----------------------------------------------------------------------------------------------------
+# safetensors, read lazily and written as a stream
+# ----------------------------------------------------------------------------------------------------
+class SafetensorsFile:
+    """A memory-mapped safetensors file: ``array(name)`` is a read-only view, read from disk on access."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self.header, self.offset = header, 8 + n
+
+    def keys(self):
+        return self.header.keys()
+
+    def array(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end == start:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self.offset + start, shape=shape)
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple, np.dtype, Callable[[], np.ndarray]]]):
+    """Write ``(name, shape, dtype, produce)`` entries; ``produce()`` is called once, in order, so only one
+    tensor is in host memory at a time."""
+    header, offset = {}, 0
+    for name, shape, dtype, _ in tensors:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the spec aligns the data section to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype, produce in tensors:
+            arr = np.ascontiguousarray(produce(), dtype=dtype)
+            if arr.shape != tuple(shape):
+                raise ValueError(f"{name}: produced shape {arr.shape}, declared {shape}")
+            f.write(arr.tobytes())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Name and layout mapping: HF torch Linear weights are [out, in]; ours are einsum-shaped
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorMap:
+    hf_name: str
+    path: tuple  # nnx state path
+    to_ours: Callable[[np.ndarray], np.ndarray]  # views only: a reshape / transpose of the mmap
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    same = lambda x: x
+    tr = lambda x: x.T
+    heads_in = lambda n: (lambda w: w.T.reshape(D, n, H), lambda x: x.reshape(D, n * H).T)  # [nH, D] <-> DnH
+    bias = lambda n: (lambda b: b.reshape(n, H), lambda x: x.reshape(n * H))
+    maps = [TensorMap("model.embed_tokens.weight", ("embed",), same, same),
+            TensorMap("model.norm.weight", ("final_norm", "scale"), same, same)]
+    if not cfg.tie_word_embeddings:
+        maps.append(TensorMap("lm_head.weight", ("lm_head",), tr, tr))
+    for i in range(cfg.num_layers):
+        p, a = f"model.layers.{i}.", ("layers", i)
+        layer = [
+            ("input_layernorm.weight", ("attn_norm", "scale"), same, same),
+            ("post_attention_layernorm.weight", ("mlp_norm", "scale"), same, same),
+            ("self_attn.q_proj.weight", ("attn", "q"), *heads_in(N)),
+            ("self_attn.k_proj.weight", ("attn", "k"), *heads_in(K)),
+            ("self_attn.v_proj.weight", ("attn", "v"), *heads_in(K)),
+            ("self_attn.o_proj.weight", ("attn", "o"), lambda w: w.T.reshape(N, H, D),
+             lambda x: x.reshape(N * H, D).T),
+            ("mlp.gate_proj.weight", ("mlp", "gate"), tr, tr),
+            ("mlp.up_proj.weight", ("mlp", "up"), tr, tr),
+            ("mlp.down_proj.weight", ("mlp", "down"), tr, tr),
+        ]
+        if cfg.attention_bias:
+            layer += [("self_attn.q_proj.bias", ("attn", "q_bias"), *bias(N)),
+                      ("self_attn.k_proj.bias", ("attn", "k_bias"), *bias(K)),
+                      ("self_attn.v_proj.bias", ("attn", "v_bias"), *bias(K))]
+        if cfg.qk_norm:
+            layer += [("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), same, same),
+                      ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), same, same)]
+        maps += [TensorMap(p + name, a + path, f, g) for name, path, f, g in layer]
+    return maps
+
+
+def _weight_files(path: Path) -> dict[str, SafetensorsFile]:
+    """tensor name -> the file holding it (single file or sharded with an index)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {f: SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
+        return {name: files[f] for name, f in weight_map.items()}
+    singles = sorted(path.glob("*.safetensors"))
+    if not singles:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    out = {}
+    for f in singles:
+        st = SafetensorsFile(f)
+        out.update({name: st for name in st.keys()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------
+def abstract_model(cfg: ModelConfig):
+    """(graphdef, abstract state): shapes and axes of the model, nothing allocated."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
+def init_model(cfg: ModelConfig, *, seed: int = 0, mesh=None, rules=shd.TRAIN_RULES) -> Transformer:
+    """A randomly initialised model; with a mesh, each parameter is created directly in its shards."""
+    graphdef, abstract = abstract_model(cfg)
+
+    def make():
+        return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1]
+
+    if mesh is None:
+        return nnx.merge(graphdef, jax.jit(make)())
+    state = jax.jit(make, out_shardings=shd.state_shardings(abstract, mesh, rules))()
+    return nnx.merge(graphdef, state)
+
+
+def from_pretrained(path, dtype=jnp.float32, mesh=None, *, compute_dtype=None, remat: str = "none",
+                    rules=shd.TRAIN_RULES) -> Transformer:
+    """Load a local HF Qwen2/Qwen2.5/Qwen3/Llama-3 directory as an NNX ``Transformer``.
+
+    Args:
+      path: directory with ``config.json`` and ``*.safetensors`` (sharded with an index allowed).
+      dtype: parameter dtype (and the compute dtype unless ``compute_dtype`` is given).
+      mesh: place each parameter's shards straight onto this mesh (``rules`` picks the layout).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    dt = jnp.dtype(dtype).name
+    cfg = load_hf_config(path, param_dtype=dt, dtype=jnp.dtype(compute_dtype or dtype).name, remat=remat)
+    graphdef, abstract = abstract_model(cfg)
+    files = _weight_files(path)
+    maps = {m.path: m for m in tensor_maps(cfg)}
+    known = {m.hf_name for m in maps.values()}
+    unexpected = [n for n in files if n not in known and not n.endswith(_IGNORED_SUFFIXES)]
+    if cfg.tie_word_embeddings:
+        unexpected = [n for n in unexpected if n != "lm_head.weight"]  # some exporters keep the tied copy
+    if unexpected:
+        raise ValueError(f"{files[unexpected[0]].path}: tensor {unexpected[0]!r} is not part of a "
+                         f"{cfg.family} model with this config ({len(unexpected)} unexpected tensors)")
+
+    def load(path_, var):
+        m = maps[path_]
+        if m.hf_name not in files:
+            raise KeyError(f"{path}: missing tensor {m.hf_name!r} (searched {sorted({str(f.path.name) for f in files.values()})})")
+        src, want = files[m.hf_name], var.get_value().shape
+        raw = src.array(m.hf_name)
+        expected = m.to_hf(np.empty(want, np.int8)).shape
+        if raw.shape != expected:
+            raise ValueError(f"{src.path}: tensor {m.hf_name!r} has shape {tuple(raw.shape)}, "
+                             f"expected {tuple(expected)} for this config")
+        view = m.to_ours(raw)
+        to_dtype = np.dtype(var.get_value().dtype)
+        if mesh is None:
+            return var.replace(jnp.asarray(np.asarray(view).astype(to_dtype)))
+        sharding = shd.named(var.get_metadata().get("axes"), want, mesh, rules)
+        return var.replace(jax.make_array_from_callback(want, sharding,
+                                                        lambda idx: np.asarray(view[idx]).astype(to_dtype)))
+
+    flat = [(p, load(p, v)) for p, v in nnx.to_flat_state(abstract)]
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    model.source = str(path.resolve())  # for save_pretrained to carry the tokenizer files along
+    return model
+
+
+def _host_array(x) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def save_pretrained(model: Transformer, out_dir, *, dtype=None, max_shard_bytes: int = 5 * 2**30,
+                    tokenizer_from: str | os.PathLike | None = None) -> Path:
+    """Write ``config.json`` + safetensors (+ the source's tokenizer files) that transformers loads.
+
+    ``dtype`` is the saved dtype (default: the parameter dtype). In a multi-process run every process
+    must call this (the gathers are collective); only process 0 writes.
+    """
+    cfg = model.cfg
+    out_dir = Path(out_dir)
+    save_dt = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    entries = []
+    for m in tensor_maps(cfg):
+        var = state[m.path]
+        hf_shape = m.to_hf(np.empty(var.get_value().shape, np.int8)).shape
+        entries.append((m.hf_name, hf_shape, save_dt, lambda m=m, var=var: m.to_hf(_host_array(var.get_value()))))
+    writer = jax.process_index() == 0
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    shards, current, size = [], [], 0
+    for e in entries:
+        nbytes = int(np.prod(e[1])) * save_dt.itemsize
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(e)
+        size += nbytes
+    shards.append(current)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        if writer:
+            write_safetensors(out_dir / name, shard)
+        else:  # still take part in the collective gathers
+            for *_, produce in shard:
+                produce()
+    if not writer:
+        return out_dir
+    if len(shards) > 1:
+        weight_map = {e[0]: name for name, shard in zip(names, shards) for e in shard}
+        total = sum(int(np.prod(e[1])) * save_dt.itemsize for e in entries)
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(config_to_hf(cfg, torch_dtype=save_dt.name), indent=2))
+    src = tokenizer_from or getattr(model, "source", None)
+    if src:
+        for f in TOKENIZER_FILES:
+            if (Path(src) / f).exists():
+                shutil.copy2(Path(src) / f, out_dir / f)
+    return out_dir

@@ -1,0 +1,51 @@
+"""The KV cache: a plain pytree that goes into a forward pass and comes out updated.
+
+Rows of a batch share one slot clock: slot ``j`` of every row was written at the same step, so a write
+is one ``dynamic_update_slice`` at ``end`` and causality is ``key slot <= query slot``. Prompts are
+left-padded (all prompts end at the same slot); ``mask`` marks the slots holding real tokens, so padding
+is never attended to. RoPE positions are separate (the count of real tokens before a token), which is
+what makes left padding exact.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]  # L x [B, S, K, H]
+    v: tuple[jax.Array, ...]  # L x [B, S, K, H]
+    mask: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
+    end: jax.Array  # int32 []: slots [0, end) have been written
+
+    @classmethod
+    def zeros(cls, cfg, batch: int, length: int, dtype=None) -> "KVCache":
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        layers = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=layers, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   mask=jnp.zeros((batch, length), bool), end=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def repeat_rows(self, n: int) -> "KVCache":
+        """Each row repeated ``n`` times in place (``[a, b] -> [a, a, b, b]``): one prefilled prompt feeds
+        the n rollouts of its group."""
+        rep = lambda x: jnp.repeat(x, n, axis=0)
+        return self.replace(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), mask=rep(self.mask))
+
+    def shardings(self, mesh, rules) -> "KVCache":
+        """NamedShardings for every leaf, from the logical axes (``CACHE_AXES``) and the rules table."""
+        from realjax.sharding import named
+
+        kv = lambda x: named(CACHE_AXES, x.shape, mesh, rules)
+        return KVCache(k=tuple(map(kv, self.k)), v=tuple(map(kv, self.v)),
+                       mask=named(("batch", "cache_length"), self.mask.shape, mesh, rules),
+                       end=named((), (), mesh, rules))

@@ -1,0 +1,46 @@
+"""Per-token log-probs (and entropies) of given tokens without materialising [B, T, V] logits.
+
+The trainer scores 8k-token responses against a 152k vocabulary: full fp32 logits for one such sequence
+are 5 GB. Here the time axis is cut into chunks of about ``chunk_tokens`` tokens; each chunk's logits live
+only inside a rematerialised scan step (recomputed in the backward pass), so peak memory is one chunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logprobs(model, h_BTD, targets_BT, *, temperature: float = 1.0, chunk_tokens: int = 4096):
+    """log softmax(logits / temperature) at ``targets`` and the entropy of that distribution, both fp32.
+
+    Args:
+      model: a ``Transformer`` (its unembedding and compute dtype are used).
+      h_BTD: final hidden states whose next-token predictions are scored.
+      targets_BT: int token ids, ``targets[:, t]`` is the token predicted from ``h[:, t]``.
+      temperature: the sampling temperature; the policy in the RL objective is the tempered one.
+      chunk_tokens: about how many (row, position) pairs share one chunk of logits.
+    Returns:
+      ``(logp_BT, entropy_BT)``.
+    """
+    B, T, D = h_BTD.shape
+    c = max(1, min(T, chunk_tokens // max(B, 1)))
+    n = -(-T // c)
+    pad = n * c - T
+    h_NBcD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)
+    t_NBc = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)
+    w_DV = model.unembedding().astype(model.cfg.dtype)
+    inv_temp = 1.0 / temperature
+
+    @jax.checkpoint  # keep only the chunk's inputs for the backward pass, never its logits
+    def chunk(h_BcD, t_Bc):
+        z_BcV = jnp.einsum("BcD,DV->BcV", h_BcD, w_DV, preferred_element_type=jnp.float32) * inv_temp
+        lse_Bc = jax.nn.logsumexp(z_BcV, axis=-1)
+        logp_Bc = jnp.take_along_axis(z_BcV, t_Bc[..., None], axis=-1)[..., 0] - lse_Bc
+        p_BcV = jnp.exp(z_BcV - lse_Bc[..., None])
+        entropy_Bc = lse_Bc - jnp.sum(p_BcV * z_BcV, axis=-1)
+        return logp_Bc, entropy_Bc
+
+    logp_NBc, ent_NBc = jax.lax.map(lambda xs: chunk(*xs), (h_NBcD, t_NBc))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :T]
+    return unchunk(logp_NBc), unchunk(ent_NBc)

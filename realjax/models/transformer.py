@@ -1,0 +1,227 @@
+"""The decoder: one Flax NNX module for Qwen2/2.5, Qwen3 and Llama 3 (see ``ModelConfig``).
+
+The same module serves training (a full sequence, no cache) and sampling (a KV cache in, the updated
+cache out): attention always attends from query slots to key slots with one rule, ``key slot <= query
+slot`` and the key slot holds a real token. Without a cache the slots are the sequence positions.
+
+Every weight carries logical axis names (``axes`` metadata) that ``realjax.sharding`` maps to the mesh;
+every projection is an einsum with the weight's shape beside it. Axis letters: see ``realjax/__init__``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from realjax.models.config import ModelConfig
+from realjax.models.kv_cache import KVCache
+from realjax.sharding import constrain
+
+_NEG = float(np.finfo(np.float32).min)  # finite, so a row with no visible key gives a uniform softmax, not NaN
+_INIT = nnx.initializers.normal(0.02)
+
+
+def _param(rngs, shape, dtype, axes, init=_INIT):
+    return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype, axes=("norm",)):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=axes)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)  # the variance in fp32 whatever the compute dtype, as HF does
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32), with Llama 3's frequency-dependent scaling when configured."""
+    H = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+    sc = cfg.rope_scaling
+    if sc is not None:
+        wavelen = 2 * math.pi / inv
+        low_wl = sc.original_max_position_embeddings / sc.low_freq_factor
+        high_wl = sc.original_max_position_embeddings / sc.high_freq_factor
+        scaled = np.where(wavelen > low_wl, inv / sc.factor, inv)
+        smooth = (sc.original_max_position_embeddings / wavelen - sc.low_freq_factor) / (
+            sc.high_freq_factor - sc.low_freq_factor)
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        inv = np.where(medium, (1 - smooth) * scaled / sc.factor + smooth * scaled, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x_BTNH, positions_BT, inv_freq_h):
+    """Rotate the two halves of each head (HF's rotate_half convention), in fp32."""
+    angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_h
+    sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, N, K, H, pdt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        self.cfg = cfg
+        self.q = _param(rngs, (D, N, H), pdt, ("embed", "heads", "head_dim"))  # DNH
+        self.k = _param(rngs, (D, K, H), pdt, ("embed", "kv_heads", "head_dim"))  # DKH
+        self.v = _param(rngs, (D, K, H), pdt, ("embed", "kv_heads", "head_dim"))  # DKH
+        self.o = _param(rngs, (N, H, D), pdt, ("heads", "head_dim", "embed"))  # NHD
+        if cfg.attention_bias:
+            zeros = nnx.initializers.zeros
+            self.q_bias = _param(rngs, (N, H), pdt, ("heads", "head_dim"), zeros)
+            self.k_bias = _param(rngs, (K, H), pdt, ("kv_heads", "head_dim"), zeros)
+            self.v_bias = _param(rngs, (K, H), pdt, ("kv_heads", "head_dim"), zeros)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, param_dtype=pdt, axes=("head_dim",))
+            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, param_dtype=pdt, axes=("head_dim",))
+
+    def _project(self, x_BTD, positions_BT):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q[...].astype(dt))
+        k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k[...].astype(dt))
+        v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v[...].astype(dt))
+        if cfg.attention_bias:
+            q_BTNH += self.q_bias[...].astype(dt)
+            k_BTKH += self.k_bias[...].astype(dt)
+            v_BTKH += self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        inv_freq_h = rope_inv_freq(cfg)  # a trace-time constant, not a parameter
+        return apply_rope(q_BTNH, positions_BT, inv_freq_h), apply_rope(k_BTKH, positions_BT, inv_freq_h), v_BTKH
+
+    def __call__(self, x_BTD, positions_BT, key_mask_BS, kv=None, end=None):
+        """Attend from the T new tokens; ``kv = (k_BSKH, v_BSKH)`` is this layer's cache, written at
+        slot ``end``. Returns the output and the updated ``(k, v)`` (None without a cache)."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        B, T, _ = x_BTD.shape
+        K, G, H = cfg.num_kv_heads, cfg.queries_per_kv, cfg.head_dim
+        q_BTNH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
+        if kv is None:
+            k_BSKH, v_BSKH, q_slot_T, new_kv = k_BTKH, v_BTKH, jnp.arange(T), None
+        else:
+            start = (0, end, 0, 0)
+            k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), start)
+            v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
+            q_slot_T, new_kv = end + jnp.arange(T), (k_BSKH, v_BSKH)
+        S = k_BSKH.shape[1]
+        visible_BTS = (jnp.arange(S)[None, :] <= q_slot_T[:, None])[None] & key_mask_BS[:, None, :]
+        q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+        # Grouped-query attention without repeating K/V: the G query heads of a kv head share it.
+        logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(dt),
+                                  preferred_element_type=jnp.float32) * (H ** -0.5)
+        logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, _NEG)
+        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
+        out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH.astype(dt))
+        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTKGH.reshape(B, T, K * G, H), self.o[...].astype(dt))
+        return out_BTD, new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, F, pdt = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.gate = _param(rngs, (D, F), pdt, ("embed", "mlp"))  # DF
+        self.up = _param(rngs, (D, F), pdt, ("embed", "mlp"))  # DF
+        self.down = _param(rngs, (F, D), pdt, ("mlp", "embed"))  # FD
+
+    def __call__(self, x_BTD):
+        dt = self.dtype
+        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt))
+        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt))
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = cfg.param_dtype
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT, key_mask_BS, kv=None, end=None):
+        h_BTD, new_kv = self.attn(self.attn_norm(x_BTD), positions_BT, key_mask_BS, kv, end)
+        x_BTD = x_BTD + h_BTD
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return constrain(x_BTD, ("batch", "length", None)), new_kv
+
+
+def _block_call(block, x, positions, key_mask, kv, end):
+    return block(x, positions, key_mask, kv, end)
+
+
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def positions_from_mask(mask_BT):
+    """RoPE positions of a left- or right-padded batch: the number of real tokens before each token."""
+    return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Transformer(nnx.Module):
+    """Token ids -> final hidden states / logits, with an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        V, D, pdt = cfg.vocab_size, cfg.hidden_size, cfg.param_dtype
+        self.embed = _param(rngs, (V, D), pdt, ("vocab", "embed"))  # VD
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pdt)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (D, V), pdt, ("embed", "vocab"))  # DV
+
+    def unembedding(self):
+        """The output projection [D, V]: the lm head, or the transposed embedding when tied."""
+        return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+    def hidden_states(self, input_ids_BT, positions_BT=None, mask_BT=None, cache: KVCache | None = None,
+                      *, embeds_BTD=None):
+        """Final-normed hidden states [B, T, D] and the updated cache (None without one).
+
+        ``mask_BT`` marks real tokens (1) and padding (0); ``positions_BT`` defaults to the count of real
+        tokens before each token. With a cache, the T tokens are written at slots ``[end, end + T)``.
+        ``embeds_BTD`` replaces the embedding lookup (soft prompts, gradient checks).
+        """
+        cfg = self.cfg
+        B, T = input_ids_BT.shape
+        mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
+        positions_BT = positions_from_mask(mask_BT) if positions_BT is None else positions_BT
+        if embeds_BTD is None:
+            embeds_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0)
+        x_BTD = embeds_BTD.astype(cfg.dtype)
+        x_BTD = constrain(x_BTD, ("batch", "length", None))
+        if cache is None:
+            key_mask_BS, end = mask_BT, None
+        else:
+            key_mask_BS, end = jax.lax.dynamic_update_slice(cache.mask, mask_BT, (0, cache.end)), cache.end
+        call = _block_call
+        if cfg.remat != "none":
+            call = nnx.remat(_block_call, policy=_REMAT_POLICIES[cfg.remat])
+        ks, vs = [], []
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x_BTD, new_kv = call(block, x_BTD, positions_BT, key_mask_BS, kv, end)
+            if new_kv is not None:
+                ks.append(new_kv[0])
+                vs.append(new_kv[1])
+        h_BTD = self.final_norm(x_BTD)
+        if cache is None:
+            return h_BTD, None
+        return h_BTD, KVCache(k=tuple(ks), v=tuple(vs), mask=key_mask_BS, end=cache.end + T)
+
+    def logits(self, h_BTD):
+        """fp32 logits [B, T, V] (materialised: use ``realjax.models.token_logprobs`` at long T)."""
+        w_DV = self.unembedding().astype(self.cfg.dtype)
+        return jnp.einsum("BTD,DV->BTV", h_BTD, w_DV, preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids_BT, positions_BT=None, attention_mask_BT=None):
+        """Logits [B, T, V] in fp32 for a whole sequence (causal; padding masked when a mask is given)."""
+        h_BTD, _ = self.hidden_states(input_ids_BT, positions_BT, attention_mask_BT)
+        return self.logits(h_BTD)

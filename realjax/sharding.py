@@ -1,0 +1,171 @@
+"""Meshes and the logical-axis rules: the one place that knows how model axes map onto devices.
+
+Model code names logical axes only (``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``vocab``,
+``batch``, ``length``, ``cache_length``, ``norm``). A rules table maps each to mesh axes of the mesh
+``("data", "fsdp", "tensor")``. Two tables:
+
+* ``TRAIN_RULES``: batch over data x fsdp, weights fully sharded over fsdp (ZeRO-3 style: gathered per
+  layer by XLA) and split over tensor by heads / mlp / vocab (Megatron style).
+* ``ROLLOUT_RULES``: the same, but weights are not split over fsdp, so a decode step on one host needs no
+  all-gather of weights (the cost is one replicated copy per fsdp group, made once per RL step).
+
+A dimension whose size is not divisible by its mesh axes is replicated instead (e.g. 2 kv heads on a
+4-way tensor axis); :func:`logical_to_spec` reports it through ``fallbacks`` so it is never silent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Mapping[str, Any]  # logical name -> None | mesh axis | tuple of mesh axes
+
+TRAIN_RULES: Rules = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "length": None,
+    "cache_length": None,
+    "norm": None,
+}
+ROLLOUT_RULES: Rules = {**TRAIN_RULES, "embed": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; -1 on one axis takes all remaining devices (``mesh.data``, ``mesh.fsdp``, ``mesh.tensor``)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        dims = [self.data, self.fsdp, self.tensor]
+        if sum(d == -1 for d in dims) > 1:
+            raise ValueError(f"at most one mesh axis may be -1, got {dims}")
+        if any(d == 0 or d < -1 for d in dims):
+            raise ValueError(f"mesh axes must be positive or -1, got {dims}")
+        known = math.prod(d for d in dims if d != -1)
+        if -1 in dims:
+            if num_devices % known:
+                raise ValueError(f"{num_devices} devices cannot fill mesh {dims}")
+            dims[dims.index(-1)] = num_devices // known
+        if math.prod(dims) != num_devices:
+            raise ValueError(f"mesh data={dims[0]} fsdp={dims[1]} tensor={dims[2]} needs {math.prod(dims)} "
+                             f"devices, {num_devices} are available")
+        return tuple(dims)
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices: Iterable | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over ``devices`` (default: all, every process)."""
+    cfg = cfg or MeshConfig()
+    devices = list(jax.devices() if devices is None else devices)
+    shape = cfg.shape(len(devices))
+    try:
+        # Topology-aware placement on TPU/GPU (tensor axis on the fastest links).
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # CPU devices and odd counts: plain row-major order is right there
+        arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES)
+
+
+def logical_to_spec(axes: tuple[str | None, ...] | None, shape: tuple[int, ...], mesh: Mesh, rules: Rules,
+                    fallbacks: list | None = None) -> PartitionSpec:
+    """The PartitionSpec for an array with logical ``axes``; non-divisible dimensions are replicated."""
+    if axes is None:
+        return PartitionSpec()
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape):
+        target = rules.get(name) if name is not None else None
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
+        n = math.prod(mesh.shape[a] for a in mesh_axes)
+        if mesh_axes and size % n:
+            if fallbacks is not None:
+                fallbacks.append((axes, shape, name, mesh_axes))
+            mesh_axes = ()
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    return PartitionSpec(*spec)
+
+
+def named(axes, shape, mesh: Mesh, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, tuple(shape), mesh, rules))
+
+
+def state_shardings(state, mesh: Mesh, rules: Rules):
+    """Shardings for an ``nnx.State`` (abstract or concrete) from each Variable's ``axes`` metadata."""
+    from flax import nnx
+
+    def one(var):
+        return var.replace(named(var.get_metadata().get("axes"), var.get_value().shape, mesh, rules))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = TRAIN_RULES) -> NamedSharding:
+    """Rows over the batch mesh axes, every other dimension replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), (0,) * ndim, mesh, rules))
+
+
+def batch_rows_multiple(mesh: Mesh, rules: Rules = TRAIN_RULES) -> int:
+    """How many devices a batch is split over: the row count must be a multiple of this."""
+    target = rules["batch"]
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def put_batch(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
+    """Place host arrays (the same global batch on every process) row-sharded on the mesh."""
+    def one(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim, rules)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activation constraints: the model calls `constrain(x, axes)`; it is a no-op outside `use_rules`.
+# ----------------------------------------------------------------------------------------------------
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("realjax_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh | None, rules: Rules = TRAIN_RULES):
+    """Within this block (at trace time), model activations are constrained to ``rules`` on ``mesh``."""
+    token = _ACTIVE.set((mesh, rules) if mesh is not None else None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x, axes: tuple[str | None, ...]):
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, named(axes, x.shape, mesh, rules))
