@@ -11,6 +11,16 @@ class CliError(Exception):
     """An error the user can fix; printed as one line, exit code 2."""
 
 
+def _lazy(name: str):
+    """The command's implementation in realjax.commands, imported only when it runs."""
+    def run(args):
+        from realjax import commands
+
+        return getattr(commands, name)(args)
+
+    return run
+
+
 def _plot(args) -> int:
     from realjax import plots
 
@@ -29,15 +39,79 @@ def _add_plot(sub):
     p.set_defaults(func=_plot)
 
 
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="completions from a local HF model dir, as JSONL")
+    p.add_argument("--model", required=True, help="local HF model directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt (a user turn)")
+    src.add_argument("--prompts", help='JSONL file of {"prompt": text} or {"messages": [...]} objects')
+    p.add_argument("--no-chat-template", action="store_true", help="feed raw text, not the chat template")
+    p.add_argument("--n", type=int, default=1, help="completions per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-prompts", type=int, default=8, help="prompts per sampler call")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU/TPU), float32, bfloat16")
+    p.add_argument("--output", help="write JSONL here (prompt, completion, token_ids, logprobs)")
+    p.set_defaults(func=_lazy("sample"))
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="Pass@1 (mean over n samples) and Pass@k per dataset: a table and JSON")
+    p.add_argument("--model", required=True, help="local HF model directory")
+    p.add_argument("--data", required=True, help="comma-separated data specs, e.g. aime.parquet,math.parquet")
+    p.add_argument("--n", type=int, default=16, help="samples per problem (paper: 16)")
+    p.add_argument("--temperature", type=float, default=0.6, help="paper: 0.6")
+    p.add_argument("--top-p", type=float, default=0.95, help="paper: 0.95")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off (paper)")
+    p.add_argument("--max-new-tokens", type=int, default=8192, help="response budget (paper: 8192)")
+    p.add_argument("--max-prompt-tokens", type=int, default=1536,
+                   help="longer prompts are dropped and counted (verl generation default: 1536)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", help="comma-separated Pass@k budgets, each <= n (default: 1,n)")
+    p.add_argument("--limit", type=int, default=0, help="first N problems of each dataset (0 = all)")
+    p.add_argument("--batch-prompts", type=int, default=8, help="prompts per sampler call")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU/TPU), float32, bfloat16")
+    p.add_argument("--require-think", action="store_true",
+                   help="score 0 without </think> (the official verifier's switch)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed raw text, not the chat template")
+    p.add_argument("--output", help="write the results (metrics, per-problem counts, settings) as JSON here")
+
+    def run(args):
+        from realjax.evaluate import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="RL training; with no --config, the embedded demo")
+    p.add_argument("--config", help="YAML experiment file (default: the demo, configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=1e-6")
+    p.set_defaults(func=_lazy("train"))
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="a run's checkpoint -> an HF safetensors directory")
+    p.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", help="saved dtype (default: the parameter dtype), e.g. bfloat16")
+    p.set_defaults(func=_lazy("export"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="realjax", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="realjax", description="RL from verifiable rewards in JAX, built around REAL.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _COMMANDS:
         add(sub)
     return parser
 
 
-_COMMANDS = [_add_plot]
+_COMMANDS = [_add_train, _add_eval, _add_sample, _add_export, _add_plot]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,9 +123,11 @@ def state_shardings(state, mesh: Mesh, rules: Rules):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = TRAIN_RULES) -> NamedSharding:
-    """Rows over the batch mesh axes, every other dimension replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), (0,) * ndim, mesh, rules))
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...], rules: Rules = TRAIN_RULES, *, axis: int = 0) -> NamedSharding:
+    """Rows (dimension ``axis``) over the batch mesh axes (replicated when they do not divide), every
+    other dimension replicated."""
+    axes = tuple("batch" if d == axis else None for d in range(len(shape)))
+    return NamedSharding(mesh, logical_to_spec(axes, tuple(shape), mesh, rules))
 
 
 def batch_rows_multiple(mesh: Mesh, rules: Rules = TRAIN_RULES) -> int:
@@ -135,11 +137,12 @@ def batch_rows_multiple(mesh: Mesh, rules: Rules = TRAIN_RULES) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def put_batch(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
-    """Place host arrays (the same global batch on every process) row-sharded on the mesh."""
+def put_batch(tree, mesh: Mesh, rules: Rules = TRAIN_RULES, *, axis: int = 0):
+    """Place host arrays (the same global batch on every process) row-sharded on the mesh; rows are
+    dimension ``axis`` (1 for ``[micro_batches, rows, ...]`` update batches)."""
     def one(x):
         x = np.asarray(x)
-        sharding = batch_sharding(mesh, x.ndim, rules)
+        sharding = batch_sharding(mesh, x.shape, rules, axis=axis)
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
@@ -169,3 +172,34 @@ def constrain(x, axes: tuple[str | None, ...]):
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, named(axes, x.shape, mesh, rules))
+
+
+def to_host(x) -> np.ndarray:
+    """The whole (global) array as numpy on this host, gathering across processes when needed."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def allgather_host(x: np.ndarray) -> np.ndarray:
+    """Concatenate every process's host array (same shape on all) along axis 0, in process order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def put_local_batch(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
+    """Place this process's rows (its contiguous block of the global batch) as global row-sharded arrays."""
+    def one(x):
+        x = np.asarray(x)
+        global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        sharding = batch_sharding(mesh, global_shape, rules)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+    return jax.tree.map(one, tree)

@@ -225,3 +225,12 @@ def preset(name: str, **overrides) -> ModelConfig:
         return PRESETS[name].replace(**overrides)
     except KeyError:
         raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}") from None
+
+
+def resolve_dtype(name: str) -> str:
+    """``auto`` is float32 on CPU (bf16 matmuls are slow there) and bfloat16 on accelerators."""
+    if name == "auto":
+        import jax
+
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return jnp.dtype(name).name

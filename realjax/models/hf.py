@@ -276,3 +276,39 @@ def save_pretrained(model: Transformer, out_dir, *, dtype=None, max_shard_bytes:
             if (Path(src) / f).exists():
                 shutil.copy2(Path(src) / f, out_dir / f)
     return out_dir
+
+
+def load_tokenizer(path):
+    """The HF tokenizer saved in a model directory, with a clear error when there is none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise FileNotFoundError(f"no tokenizer files in {path} (tokenizer.json / tokenizer_config.json)")
+    config = path / "tokenizer_config.json"
+    cls = json.loads(config.read_text()).get("tokenizer_class") if config.exists() else None
+    if cls in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+        # A plain tokenizer.json: load it as written. AutoTokenizer would pick the model family's class
+        # from config.json (Qwen2Tokenizer), whose own pre-tokenizer replaces the saved one.
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:  # left padding needs an id; it is always masked out
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def stop_token_ids(path, tokenizer) -> tuple[int, ...]:
+    """Ids that end a response: the tokenizer's EOS plus generation_config.json's eos_token_id(s)."""
+    ids = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
+    gen = Path(path) / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
+    if not ids:
+        raise ValueError(f"{path}: neither the tokenizer nor generation_config.json defines an EOS token")
+    return tuple(sorted(ids))

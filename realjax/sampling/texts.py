@@ -39,7 +39,7 @@ def sample_ids(model, sampler: Sampler, prompt_ids: Sequence[Sequence[int]], *, 
         if sampler.mesh is not None:
             ids, mask = shd.put_batch((ids, mask), sampler.mesh, sampler.rules)
         out = sampler(graphdef, state, ids, mask, jax.random.fold_in(key, b), group_size=n)
-        tokens, logprobs, lengths, finished = (np.asarray(jax.device_get(x)) for x in
+        tokens, logprobs, lengths, finished = (shd.to_host(x) for x in
                                                (out.tokens, out.logprobs, out.lengths, out.finished))
         for p in range(real):
             rows = range(p * n, (p + 1) * n)

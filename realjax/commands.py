@@ -1,0 +1,143 @@
+"""What the ``realjax`` sub-commands do (``realjax/cli.py`` only declares their arguments)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from realjax.cli import CliError
+
+
+def demo_config_path() -> Path:
+    """The demo config shipped inside the package (a copy of configs/demo.yaml)."""
+    return Path(str(resources.files("realjax") / "configs" / "demo.yaml"))
+
+
+def train(args) -> int:
+    """`realjax train`: RL training from a YAML config (default: the demo) plus key=value overrides."""
+    from realjax.config import ConfigError, load_config
+    from realjax.rl import TrainingDiverged
+    from realjax.rl.trainer import Trainer
+
+    try:
+        cfg = load_config(args.config or demo_config_path(), args.overrides)
+        trainer = Trainer(cfg)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    try:
+        summary = trainer.run()
+    except TrainingDiverged as e:
+        print(f"realjax train: {e}", file=sys.stderr)
+        return 1
+    if trainer.main and not summary.get("stopped"):
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    before, after = summary.get("pass@1_before"), summary.get("pass@1_after")
+    lines = [f"done: {summary['steps']} RL steps in {summary['wall_time_s']:.0f} s"]
+    if before is not None and after is not None:
+        lines.append(f"held-out pass@1: {before:.3f} -> {after:.3f} ({100 * (after - before):+.1f} points)")
+    elif after is not None:
+        lines.append(f"held-out pass@1: {after:.3f}")
+    lines.append(f"run directory: {summary['run_dir']} (metrics.jsonl, tensorboard/, checkpoints/)")
+    if summary.get("plots"):
+        lines.append(f"training dynamics: {summary['plots']}")
+    if summary.get("export"):
+        lines.append(f"exported HF model: {summary['export']}")
+    print("\n".join(lines), flush=True)
+
+
+def export(args) -> int:
+    """`realjax export`: restore a run's checkpoint and write it as an HF model directory."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from realjax.checkpoint import Checkpointer
+    from realjax.config import load_config
+    from realjax.models import from_pretrained, save_pretrained
+    from realjax.rl.components import model_path
+
+    run = Path(args.run)
+    if not (run / "config.yaml").exists():
+        raise CliError(f"{run} is not a run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    source = model_path(cfg)
+    model = from_pretrained(source, dtype=cfg.model.param_dtype)
+    graphdef, params = nnx.split(model)
+    ckpt = Checkpointer(run / "checkpoints")
+    step = args.step if args.step is not None else ckpt.latest_step()
+    if step is None or step not in ckpt.all_steps():
+        raise CliError(f"no checkpoint {'at step ' + str(args.step) if args.step is not None else ''} in {run}/checkpoints"
+                       f" (have: {ckpt.all_steps()})")
+    params, _ = ckpt.restore_params(step, params)
+    out = save_pretrained(nnx.merge(graphdef, params), args.out, dtype=jnp.dtype(args.dtype) if args.dtype else None,
+                          tokenizer_from=source)
+    print(f"wrote step {step} of {run} to {out}")
+    return 0
+
+
+def _read_prompts(args) -> list:
+    """Prompts as chat messages (list) or raw text (str), from --prompt or a JSONL file."""
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise CliError("--prompt is empty")
+        return [args.prompt]
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise CliError(f"prompt file {path} does not exist")
+    prompts = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CliError(f"{path}:{i}: not JSON ({e.msg})") from None
+        item = obj.get("messages", obj.get("prompt")) if isinstance(obj, dict) else None
+        if not item:
+            raise CliError(f'{path}:{i}: expected an object with "prompt" (text) or "messages" (chat turns)')
+        prompts.append(item)
+    if not prompts:
+        raise CliError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def sample(args) -> int:
+    """`realjax sample`: completions of a local HF model as JSONL."""
+    from realjax.data import prompt_text
+    from realjax.models import from_pretrained, load_tokenizer, stop_token_ids
+    from realjax.models.config import resolve_dtype
+    from realjax.sampling import Sampler, SamplingConfig, sample_ids
+
+    prompts = _read_prompts(args)
+    tok = load_tokenizer(args.model)
+    model = from_pretrained(args.model, dtype=resolve_dtype(args.dtype))
+    texts = []
+    for p in prompts:
+        messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
+        texts.append(prompt_text(messages, tok, chat_template=not args.no_chat_template))
+    ids = [tok(t, add_special_tokens=args.no_chat_template)["input_ids"] for t in texts]
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         top_k=args.top_k, stop_ids=stop_token_ids(args.model, tok))
+    sampler = Sampler(cfg, pad_id=tok.pad_token_id)
+    results = sample_ids(model, sampler, ids, n=args.n, seed=args.seed, prompts_per_batch=args.batch_prompts,
+                         progress=True)
+    out = open(args.output, "w") if args.output else None
+    for text, samples in zip(texts, results):
+        for s in samples:
+            row = {"prompt": text, "completion": tok.decode(s["token_ids"], skip_special_tokens=True),
+                   "token_ids": s["token_ids"], "logprobs": s["logprobs"], "finished": s["finished"]}
+            if out:
+                out.write(json.dumps(row) + "\n")
+            else:
+                print(row["completion"])
+    if out:
+        out.close()
+        print(f"wrote {sum(len(r) for r in results)} completions to {args.output}")
+    return 0
+
+

@@ -1,0 +1,299 @@
+"""Experiment configs: YAML mapped onto typed, frozen, validated dataclasses, with ``key=value`` overrides.
+
+Every RL knob names the paper symbol it sets. An unknown key or a value of the wrong type is a one-line
+``ConfigError`` that names the key and, for a typo, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from realjax.sharding import MeshConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    path: str = "demo"  # local HF dir; "demo" is the tiny model shipped in realjax/assets/demo
+    param_dtype: str = "float32"  # master weights (the paper: fp32 under FSDP mixed precision)
+    dtype: str = "auto"  # compute dtype: auto = fp32 on CPU, bf16 on GPU/TPU
+    remat: str = "none"  # none | full | dots: recompute blocks in the backward pass
+    logprob_chunk_tokens: int = 4096  # tokens per chunk of vocab logits (memory vs speed)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train: str = ""  # a data spec (see realjax.data): parquet/jsonl/dir/hub name/synthetic:...
+    eval: str = ""  # comma-separated specs for held-out pass@1
+    max_prompt_tokens: int = 1024  # longer prompts are skipped and counted (the paper: 1024)
+    chat_template: bool = True
+    max_bad_fraction: float = 0.05  # abort when more rows than this are malformed or too long
+    eval_limit: int = 0  # first N problems of each eval set (0 = all)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSection:
+    """The objective (``realjax.losses.LOSSES``) and its hyperparameters; unset ones keep the function's
+    defaults, and setting one the objective does not take is an error."""
+
+    name: str = "real"
+    tau: float | None = None  # REAL temperature tau (default 0.5)
+    clip_eps: float | None = None  # GRPO / Dr.GRPO epsilon (0.2)
+    clip_low: float | None = None  # DAPO / GSPO lower clip (0.2 / 3e-4)
+    clip_high: float | None = None  # DAPO / GSPO upper clip (0.28 / 4e-4)
+    kl_coef: float | None = None  # GRPO beta on KL(pi || pi_ref) (the paper's GRPO: 0.001)
+    kl_estimator: str | None = None  # k1 | k3 (alias low_var_kl)
+    norm_length: int | None = None  # Dr.GRPO constant (default: the response budget N)
+
+    def hparams(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "name" and getattr(self, f.name) is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSection:
+    group_size: int = 8  # G rollouts per prompt
+    prompts_per_step: int = 128  # prompts per RL step (G * this = responses per step)
+    temperature: float = 0.6  # the rollout temperature; the trained policy is softmax(logits / T)
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 8192  # response budget N
+    prompts_per_call: int = 0  # prompts per sampler call (0 = all at once; smaller bounds KV memory)
+    old_logp: str = "auto"  # sampler | recompute | auto (sampler in fp32, recompute otherwise)
+    dynamic_sampling: bool = False  # DAPO: resample until every group has mixed rewards
+    max_sampling_rounds: int = 3  # dynamic sampling gives up after this many rounds (fills with degenerate)
+    overlong_filter: bool = False  # DAPO: truncated responses are masked out of the loss
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSection:
+    fn: str = "math"  # math (the paper's verifier) or module:function taking (completions, rows)
+    require_think: bool = False  # the official verifier scores 0 without </think>
+    workers: int = 0  # verifier processes (0 = half the CPUs)
+    timeout_s: float = 5.0  # per item; a stuck worker is killed and the item scores 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 2e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # global norm
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: str = "constant"  # constant | cosine | linear (decay to 0 over trainer.steps)
+    warmup_steps: int = 0
+    mini_batches: int = 4  # optimizer updates per rollout batch (the paper: 128 / 32 = 4)
+    micro_batches: int = 1  # gradient accumulation chunks per mini-batch (memory)
+    max_bad_steps: int = 3  # abort after this many non-finite updates in a row
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerSection:
+    steps: int = 100  # RL steps (each: rollout batch + mini_batches updates)
+    eval_every: int = 0  # 0 = only before and after training
+    save_every: int = 20
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    logp_check_every: int = 10  # with old_logp=sampler: recompute once in a while, log the mismatch
+    export: bool = True  # write the final policy as an HF dir to <run>/export
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    n: int = 16  # samples per problem (the paper: 16)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
+    prompts_per_call: int = 0  # 0 = rollout.prompts_per_call or all
+    before: bool = True  # evaluate the initial policy too
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    coordinator: str = ""  # host:port of process 0; set automatically on TPU pods
+    num_processes: int = 1
+    process_id: int = 0
+    auto: bool = True  # call jax.distributed.initialize() on a TPU pod / under SLURM
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "realjax"
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    loss: LossSection = LossSection()
+    rollout: RolloutSection = RolloutSection()
+    reward: RewardSection = RewardSection()
+    optim: OptimSection = OptimSection()
+    trainer: TrainerSection = TrainerSection()
+    eval: EvalSection = EvalSection()
+    mesh: MeshConfig = MeshConfig()
+    distributed: DistributedSection = DistributedSection()
+    logging: LoggingSection = LoggingSection()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ----------------------------------------------------------------------------------------------------
+# dict <-> dataclass, with errors that name the key
+# ----------------------------------------------------------------------------------------------------
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-6` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return from_dict(tp, value, prefix=key + ".")
+        raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+    else:
+        raise ConfigError(f"{key}: unsupported type {tp}")
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(prefix + n for n in names)}"
+        raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or defaults when None), apply ``key=value`` overrides, validate, return Config."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(data, key, value)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single field cannot make."""
+    import inspect
+
+    from realjax.losses import LOSSES
+
+    r, o = cfg.rollout, cfg.optim
+    if cfg.loss.name not in LOSSES:
+        close = difflib.get_close_matches(cfg.loss.name, LOSSES, n=1)
+        raise ConfigError(f"loss.name: unknown objective {cfg.loss.name!r}" + (f"; did you mean {close[0]}?" if close else
+                                                                           f"; choose from {sorted(LOSSES)}"))
+    params = inspect.signature(LOSSES[cfg.loss.name]).parameters
+    for key in cfg.loss.hparams():
+        if key not in params:
+            raise ConfigError(f"loss.{key} is not a hyperparameter of {cfg.loss.name}")
+    positive = {"rollout.group_size": r.group_size, "rollout.prompts_per_step": r.prompts_per_step,
+                "rollout.max_new_tokens": r.max_new_tokens, "optim.mini_batches": o.mini_batches,
+                "optim.micro_batches": o.micro_batches, "trainer.steps": cfg.trainer.steps, "eval.n": cfg.eval.n}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if r.prompts_per_step % o.mini_batches:
+        raise ConfigError(f"optim.mini_batches={o.mini_batches} must divide rollout.prompts_per_step="
+                          f"{r.prompts_per_step}: every update sees whole groups")
+    if (r.prompts_per_step // o.mini_batches) % o.micro_batches:
+        raise ConfigError(f"optim.micro_batches={o.micro_batches} must divide the {r.prompts_per_step // o.mini_batches}"
+                          " prompts of a mini-batch")
+    if r.prompts_per_call and r.prompts_per_step % r.prompts_per_call:
+        raise ConfigError(f"rollout.prompts_per_call={r.prompts_per_call} must divide rollout.prompts_per_step")
+    if r.old_logp not in ("auto", "sampler", "recompute"):
+        raise ConfigError(f"rollout.old_logp must be auto, sampler or recompute, got {r.old_logp!r}")
+    if o.schedule not in ("constant", "cosine", "linear"):
+        raise ConfigError(f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}")
+    if not cfg.data.train:
+        raise ConfigError("data.train is not set (a data spec: file, directory, hub name or synthetic:...)")

@@ -1,0 +1,300 @@
+"""The evaluation protocol behind the paper's tables: Pass@1 averaged over n samples, and Pass@k.
+
+For each problem we draw ``n`` completions (the paper: n=16, temperature 0.6, top-p 0.95, up to 8192
+new tokens), score each 1.0 / 0.0 with the verifier, and report per dataset
+
+* ``pass@1``: mean over problems of the fraction of correct samples (verl's avg@16, the tables' number);
+* ``pass@k``: mean over problems of the unbiased estimator of Chen et al. (2021) from (n, correct, k);
+
+plus the mean response length and the fraction of truncated responses, and an ``average`` row that is
+the unweighted mean over datasets (the tables' Avg column).
+
+Departures from the official pipeline (verl ``main_generation`` + deepscaler reward), deliberate:
+
+* The response is decoded with ``skip_special_tokens=True``; verl keeps special tokens and strips pad.
+  The verifier only reads ``</think>`` and the last ``\\boxed{}``, which are ordinary (added, not
+  special) tokens in the R1-distill tokenizers, so the scores agree.
+* Every dataset is sampled from the same ``seed``: a dataset's numbers do not depend on which other
+  datasets were evaluated with it.
+* Prompts longer than ``--max-prompt-tokens`` are dropped, counted and reported (verl would stop).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from realjax.sampling import Sampler, SamplingConfig, sample_ids
+
+Verifier = Callable[[list[str], list], list[float]]
+
+PAPER_N = 16
+MAX_DROPPED_FRACTION = 0.5  # an eval set that loses more than this is not the benchmark any more
+
+
+# ----------------------------------------------------------------------------------------------------
+# Estimators
+# ----------------------------------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased Pass@k from ``n`` samples of which ``c`` are correct (Chen et al., 2021).
+
+    ``1 - C(n-c, k) / C(n, k)``, computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)``: binomials of n=16
+    are small, but the product never overflows nor loses precision for large n.
+
+    Args:
+      n: samples drawn for the problem (>= 1).
+      c: how many of them are correct (0 <= c <= n).
+      k: the budget (1 <= k <= n).
+    Returns:
+      The probability that at least one of k samples drawn without replacement is correct.
+    """
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k needs n >= 1 and 0 <= c <= n; got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 1 <= k <= n; got k={k}, n={n}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def _check_ks(ks: Sequence[int], n: int) -> tuple[int, ...]:
+    """Sorted unique ks, each in [1, n]; pass@1 is always reported."""
+    bad = [k for k in ks if not 1 <= int(k) <= n]
+    if bad:
+        raise ValueError(f"pass@k needs 1 <= k <= n={n}; got k={bad}")
+    return tuple(sorted({1, *(int(k) for k in ks)}))
+
+
+def _check_scores(scores: Sequence[float], expected: int, name: str) -> np.ndarray:
+    """The verifier's scores as float64 [expected]; they must be 0/1 for pass@k to be defined."""
+    scores_S = np.asarray(scores, np.float64)
+    if scores_S.shape != (expected,):
+        raise ValueError(f"{name}: the verifier returned {scores_S.size} scores for {expected} completions")
+    bad = scores_S[(scores_S != 0.0) & (scores_S != 1.0)]
+    if bad.size:
+        raise ValueError(f"{name}: the verifier must score 0.0 or 1.0 (pass@k counts correct samples); "
+                         f"got {bad[0]!r}")
+    return scores_S
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+def dataset_metrics(correct_P: np.ndarray, lengths_PN: np.ndarray, finished_PN: np.ndarray, *, n: int,
+                    ks: Sequence[int]) -> dict:
+    """The metrics of one dataset from its per-problem counts.
+
+    Args:
+      correct_P: int [P] correct samples per problem.
+      lengths_PN: int [P, n] response lengths in tokens.
+      finished_PN: bool [P, n] the response ended on a stop token.
+      n: samples per problem; ks: the Pass@k budgets (1 included).
+    Returns:
+      {"pass@k" for k in ks, "problems", "samples", "response_length", "truncated"}.
+    """
+    out = {f"pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in correct_P])) for k in ks}
+    out["pass@1"] = float(np.mean(correct_P / n))  # the estimator at k=1, without rounding detours
+    out.update(problems=int(correct_P.size), samples=int(lengths_PN.size),
+               response_length=float(lengths_PN.mean()), truncated=float(1.0 - finished_PN.mean()))
+    return out
+
+
+def average_metrics(per_dataset: Mapping[str, dict]) -> dict:
+    """The Avg column: the unweighted mean over datasets of every rate; counts are summed."""
+    rows = list(per_dataset.values())
+    out = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]
+           if key not in ("problems", "samples")}
+    out.update(problems=sum(r["problems"] for r in rows), samples=sum(r["samples"] for r in rows))
+    return out
+
+
+def _score_dataset(name: str, rows: Sequence[Mapping], samples: list[list[dict]], tokenizer,
+                   verifier: Verifier, n: int) -> np.ndarray:
+    """0/1 scores [P, n] of one dataset's samples (one verifier call for the whole set)."""
+    completions = [tokenizer.decode(s["token_ids"], skip_special_tokens=True) for per in samples for s in per]
+    ground_truths = [row["ground_truth"] for row in rows for _ in range(n)]
+    return _check_scores(verifier(completions, ground_truths), len(completions), name).reshape(len(rows), n)
+
+
+def evaluate(model, tokenizer, datasets: Mapping[str, Sequence[Mapping]], *,
+             sampling: SamplingConfig | Sampler, n: int, seed: int = 0, prompts_per_batch: int = 8,
+             verifier: Verifier | None = None, ks: Sequence[int] = (1,), mesh=None,
+             progress: bool = False) -> dict:
+    """Sample ``n`` completions per problem, score them, and aggregate Pass@1 / Pass@k per dataset.
+
+    Args:
+      model: the NNX policy.
+      tokenizer: its HF tokenizer (decodes completions; ``pad_token_id`` pads prompts).
+      datasets: name -> rendered rows, each with ``prompt_ids`` (int [len]) and ``ground_truth``.
+      sampling: a ``SamplingConfig``, or a ``Sampler`` to reuse (a trainer keeps its compiled programs
+        across periodic evaluations).
+      n: samples per problem.
+      seed: sampling seed, the same for every dataset.
+      prompts_per_batch: prompts per sampler call (each expands to ``n`` rows).
+      verifier: ``(completions, ground_truths) -> [0.0 | 1.0]``, called once per dataset with flat
+        problem-major lists; default ``realjax.rewards.score_math``.
+      ks: Pass@k budgets, each in [1, n]; 1 is always included.
+      mesh: the mesh a new ``Sampler`` runs on (ignored when ``sampling`` is a ``Sampler``).
+      progress: tqdm bars on stderr.
+    Returns:
+      {"settings": {...}, "datasets": {name: metrics}, "average": metrics,
+       "per_problem": {name: {"correct": [int] * P}}}, where metrics holds ``pass@k`` for each k,
+      ``problems``, ``samples``, ``response_length`` (mean tokens) and ``truncated`` (fraction).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not datasets or any(not rows for rows in datasets.values()):
+        raise ValueError(f"evaluate needs non-empty datasets; sizes {({k: len(v) for k, v in datasets.items()})}")
+    ks = _check_ks(ks, n)
+    if verifier is None:
+        from realjax.rewards import score_math as verifier  # lazy: the verifier pulls in sympy
+    sampler = sampling if isinstance(sampling, Sampler) else Sampler(sampling, pad_id=tokenizer.pad_token_id,
+                                                                     mesh=mesh)
+    per_dataset, per_problem = {}, {}
+    for name, rows in datasets.items():
+        if progress:
+            print(f"eval {name}: {len(rows)} problems x {n} samples", file=sys.stderr)
+        samples = sample_ids(model, sampler, [row["prompt_ids"] for row in rows], n=n, seed=seed,
+                             prompts_per_batch=prompts_per_batch, progress=progress)
+        scores_PN = _score_dataset(name, rows, samples, tokenizer, verifier, n)
+        lengths_PN = np.array([[len(s["token_ids"]) for s in per] for per in samples])
+        finished_PN = np.array([[s["finished"] for s in per] for per in samples], bool)
+        correct_P = scores_PN.sum(axis=1).astype(int)
+        per_dataset[name] = dataset_metrics(correct_P, lengths_PN, finished_PN, n=n, ks=ks)
+        per_problem[name] = {"correct": correct_P.tolist()}
+    cfg = sampler.cfg
+    settings = dict(n=n, ks=list(ks), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                    max_new_tokens=cfg.max_new_tokens, seed=seed)
+    return {"settings": settings, "datasets": per_dataset, "average": average_metrics(per_dataset),
+            "per_problem": per_problem}
+
+
+def metrics_row(result: Mapping, prefix: str = "eval") -> dict[str, float]:
+    """Flat ``{prefix}/{dataset}/{metric}`` scalars (and ``{prefix}/avg/...``) for metrics.jsonl."""
+    columns = {**result["datasets"], "avg": result["average"]}
+    return {f"{prefix}/{name}/{key}": value for name, metrics in columns.items() for key, value in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Table
+# ----------------------------------------------------------------------------------------------------
+def format_table(result: Mapping) -> str:
+    """The paper's Table 1 layout: one row per metric, one column per dataset, then Avg.
+
+    Pass@k and the truncated fraction print with 3 decimals, the mean response length in tokens with 1;
+    the caption line gives the sampling settings.
+    """
+    columns = {**result["datasets"], "Avg.": result["average"]}
+    ks = result["settings"]["ks"]
+    lines = [(f"pass@{k}", "{:.3f}") for k in ks] + [("truncated", "{:.3f}"), ("length", "{:.1f}")]
+    keys = {"length": "response_length"}
+    cells = [["", *columns]]
+    cells += [[label, *(fmt.format(m[keys.get(label, label)]) for m in columns.values())] for label, fmt in lines]
+    cells.append(["problems", *(str(m["problems"]) for m in columns.values())])
+    widths = [max(len(row[j]) for row in cells) for j in range(len(cells[0]))]
+    text = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
+            for row in cells]
+    text.insert(1, "-" * len(text[0]))
+    s = result["settings"]
+    caption = (f"n={s['n']} samples/problem, temperature {s['temperature']}, top-p {s['top_p']}, "
+               f"top-k {s['top_k'] or 'off'}, max {s['max_new_tokens']} new tokens, seed {s['seed']}")
+    return "\n".join([caption, *text])
+
+
+# ----------------------------------------------------------------------------------------------------
+# `realjax eval`
+# ----------------------------------------------------------------------------------------------------
+def _parse_ks(text: str | None, n: int) -> tuple[int, ...]:
+    from realjax.cli import CliError
+
+    if not text:
+        return (1, n)
+    try:
+        ks = tuple(int(k) for k in text.split(",") if k.strip())
+        return _check_ks(ks, n)
+    except ValueError as e:
+        raise CliError(f"--k {text!r}: {e}" if "pass@k" in str(e) else f"--k {text!r}: not integers") from None
+
+
+def _load_data(args, tokenizer) -> tuple[dict[str, list], dict[str, dict]]:
+    """Rendered rows per dataset (the first ``--limit``), and what was kept / dropped per dataset."""
+    from realjax import data
+
+    datasets, counts = {}, {}
+    for name, (rows, report) in data.load_many(args.data).items():
+        rows, report = data.render_prompts(rows, tokenizer, max_prompt_tokens=args.max_prompt_tokens,
+                                           chat_template=not args.no_chat_template, report=report)
+        print(report.summary(), file=sys.stderr)
+        if report.dropped:  # the score is then over a subset of the benchmark: say so loudly
+            print(f"warning: {name}: {report.dropped} of {report.total} problems dropped; "
+                  "the score is not comparable with the full benchmark", file=sys.stderr)
+        report.check(max_bad_fraction=MAX_DROPPED_FRACTION)
+        datasets[name] = rows[:args.limit] if args.limit > 0 else rows
+        counts[name] = dict(source=report.source, total=report.total, kept=report.kept,
+                            too_long=report.too_long, malformed=dict(report.malformed),
+                            evaluated=len(datasets[name]))
+    return datasets, counts
+
+
+def _load_tokenizer(path: str):
+    """(tokenizer, stop ids) of a local HF directory."""
+    from realjax.models import load_tokenizer, stop_token_ids
+
+    tokenizer = load_tokenizer(path)
+    return tokenizer, stop_token_ids(path, tokenizer)
+
+
+def _load_model(path: str, dtype: str):
+    from realjax.models import from_pretrained
+    from realjax.models.config import resolve_dtype
+
+    return from_pretrained(path, dtype=resolve_dtype(dtype))
+
+
+def main(args) -> int:
+    """``realjax eval``: load, sample, score, print the table, write JSON (see ``cli._add_eval``)."""
+    from realjax.cli import CliError
+    from realjax.data import DataError
+
+    start = time.time()
+    if args.n < 1 or args.limit < 0 or args.batch_prompts < 1:
+        raise CliError("--n and --batch-prompts must be >= 1 and --limit >= 0")
+    if args.output and not Path(args.output).resolve().parent.is_dir():  # fail before hours of sampling
+        raise CliError(f"--output {args.output}: its directory does not exist")
+    ks = _parse_ks(args.k, args.n)
+    # Cheap steps first (tokenizer, data), the weights last: a typo fails in seconds, not minutes.
+    try:
+        tokenizer, stops = _load_tokenizer(args.model)
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, stop_ids=stops)
+        datasets, counts = _load_data(args, tokenizer)
+        model = _load_model(args.model, args.dtype)
+    except FileNotFoundError:
+        raise  # cli.main prints it as one line
+    except (DataError, ValueError, KeyError, OSError) as e:  # malformed data, checkpoint or settings
+        raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    verifier = None
+    if args.require_think:
+        from functools import partial
+
+        from realjax.rewards import score_math
+
+        verifier = partial(score_math, require_think=True)
+    result = evaluate(model, tokenizer, datasets, sampling=sampling, n=args.n, seed=args.seed,
+                      prompts_per_batch=args.batch_prompts, verifier=verifier, ks=ks, progress=True)
+    result["settings"].update(max_prompt_tokens=args.max_prompt_tokens, require_think=args.require_think,
+                              chat_template=not args.no_chat_template, limit=args.limit, dtype=args.dtype)
+    print(format_table(result))
+    if args.output:
+        record = {"model": args.model, "data": args.data, **result, "counts": counts,
+                  "wall_time_s": round(time.time() - start, 3)}
+        with open(args.output, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"wrote {args.output}")
+    return 0
