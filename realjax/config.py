@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     path: str = "demo"  # local HF dir; "demo" is the tiny model shipped in realjax/assets/demo
+    preset: str = ""  # architecture by name (realjax.models.PRESETS) for AOT compiles and benchmarks
     param_dtype: str = "float32"  # master weights (the paper: fp32 under FSDP mixed precision)
     dtype: str = "auto"  # compute dtype: auto = fp32 on CPU, bf16 on GPU/TPU
     remat: str = "none"  # none | full | dots: recompute blocks in the backward pass
@@ -295,5 +296,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.old_logp must be auto, sampler or recompute, got {r.old_logp!r}")
     if o.schedule not in ("constant", "cosine", "linear"):
         raise ConfigError(f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}")
+    import numpy as np
+
+    for key, value in (("model.param_dtype", cfg.model.param_dtype), ("model.dtype", cfg.model.dtype)):
+        if value == "auto" and key == "model.dtype":
+            continue
+        try:
+            np.dtype(__import__("ml_dtypes").bfloat16 if value == "bfloat16" else value)
+        except TypeError:
+            raise ConfigError(f"{key}: unknown dtype {value!r} (float32, bfloat16{', auto' if key == 'model.dtype' else ''})") from None
+    if cfg.model.remat not in ("none", "full", "dots"):
+        raise ConfigError(f"model.remat must be none, full or dots, got {cfg.model.remat!r}")
     if not cfg.data.train:
         raise ConfigError("data.train is not set (a data spec: file, directory, hub name or synthetic:...)")

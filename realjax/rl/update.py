@@ -83,7 +83,7 @@ def make_update_step(graphdef, optimizer, loss_fn, hparams: dict, *, group_size:
         n = jax.tree.leaves(batch)[0].shape[0]
         grads = jax.tree.map(lambda g: g / n, grads)
         metrics = {k: jnp.sum(v) if k in _SUMMED else jnp.mean(v) for k, v in per_micro.items()}
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
