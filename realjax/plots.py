@@ -103,6 +103,15 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+def ema(y: np.ndarray, decay: float = 0.8) -> np.ndarray:
+    """Exponential moving average, bias-corrected so the first points are not pulled toward 0."""
+    out, acc, norm = np.empty(len(y)), 0.0, 0.0
+    for i, v in enumerate(y):
+        acc, norm = decay * acc + (1 - decay) * v, decay * norm + (1 - decay)
+        out[i] = acc / norm
+    return out
+
+
 def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of one metric; ``eval/pass@1`` averages the per-dataset ``eval/*/pass@1`` keys."""
     xs, ys = [], []
@@ -133,7 +142,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (key, title) in zip(axes.flat, DYNAMICS_PANELS):
         x, y = series(rows, key)
-        ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3)
+        if len(x) > 10 and key != "eval/pass@1":  # per-step metrics are noisy: raw faint, EMA on top
+            ax.plot(x, y, color="tab:blue", alpha=0.3, lw=1)
+            ax.plot(x, ema(y), color="tab:blue", lw=2, label="EMA 0.8")
+            ax.legend(loc="best", fontsize=7)
+        else:
+            ax.plot(x, y, marker="o", ms=3)
         ax.set_title(title)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)

@@ -1,6 +1,5 @@
 """Tiny random HF checkpoints built with transformers (torch, fp32) for parity tests."""
 
-from pathlib import Path
 
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -199,3 +199,20 @@ def test_errors_name_the_tensor_and_the_file(tmp_path):
         from_pretrained(tmp_path / "shape")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_values_and_gradients(remat):
+    from realjax.models import ModelConfig
+
+    base = ModelConfig(family="qwen2", vocab_size=60, hidden_size=32, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8, intermediate_size=48)
+    graphdef, state = nnx.split(init_model(base, seed=3))
+    graphdef_r, _ = nnx.split(init_model(base.replace(remat=remat), seed=3))
+    ids = jnp.asarray(_ids((2, 7), 6, 60))
+
+    def loss(gd):
+        return lambda st: jnp.sum(jax.nn.log_softmax(nnx.merge(gd, st)(ids))[..., 0])
+
+    chex.assert_trees_all_close(jax.jit(jax.value_and_grad(loss(graphdef_r)))(state),
+                                jax.jit(jax.value_and_grad(loss(graphdef)))(state), atol=1e-5)

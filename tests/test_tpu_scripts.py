@@ -195,7 +195,7 @@ def test_setup_dry_run_local_tree(tripwire):
     assert proc.returncode == 0, proc.stderr
     pack, scp, ssh = commands(proc)
     assert pack.startswith(f"git -C {ROOT} ls-files") and "tar -C" in pack
-    assert f"compute tpus tpu-vm scp /" in scp and f"{NAME}:realjax-src.tgz --zone={ZONE} --worker=all" in scp
+    assert "compute tpus tpu-vm scp /" in scp and f"{NAME}:realjax-src.tgz --zone={ZONE} --worker=all" in scp
     assert f"tpu-vm ssh {NAME} --zone={ZONE} --worker=all --command=" in ssh
     assert ("worker.sh install --data gs://bkt/data/math/ --ckpt gs://bkt/models/qwen --output gs://bkt/runs "
             "--src ~/realjax.incoming") in ssh

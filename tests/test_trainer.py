@@ -11,7 +11,6 @@ from pathlib import Path
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -57,6 +56,16 @@ def test_end_to_end_few_steps(tmp_path):
 
     exported = from_pretrained(run / "export")
     assert exported.cfg.num_layers == 4 and load_tokenizer(run / "export").eos_token_id is not None
+
+    # `realjax export` of an earlier checkpoint, and `realjax plot` of the run
+    from realjax.cli import main
+
+    assert main(["export", "--run", str(run), "--step", "2", "--out", str(tmp_path / "step2")]) == 0
+    params, _ = Checkpointer(run / "checkpoints").restore_params(2, nnx.state(exported, nnx.Param))
+    chex.assert_trees_all_equal(nnx.state(from_pretrained(tmp_path / "step2"), nnx.Param), params)
+    assert main(["export", "--run", str(run), "--step", "7", "--out", str(tmp_path / "x")]) == 2
+    assert main(["plot", str(run), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "dynamics.png").exists()
 
 
 def _launch(cfg_args, log):

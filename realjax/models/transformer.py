@@ -153,8 +153,8 @@ class Block(nnx.Module):
         return constrain(x_BTD, ("batch", "length", None)), new_kv
 
 
-def _block_call(block, x, positions, key_mask, kv, end):
-    return block(x, positions, key_mask, kv, end)
+def _block_call(graphdef, state, x, positions, key_mask, kv, end):
+    return nnx.merge(graphdef, state)(x, positions, key_mask, kv, end)
 
 
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -203,11 +203,12 @@ class Transformer(nnx.Module):
             key_mask_BS, end = jax.lax.dynamic_update_slice(cache.mask, mask_BT, (0, cache.end)), cache.end
         call = _block_call
         if cfg.remat != "none":
-            call = nnx.remat(_block_call, policy=_REMAT_POLICIES[cfg.remat])
+            # A pure jax.checkpoint over (graphdef, state): nothing to write back, any trace level.
+            call = jax.checkpoint(_block_call, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,))
         ks, vs = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x_BTD, new_kv = call(block, x_BTD, positions_BT, key_mask_BS, kv, end)
+            x_BTD, new_kv = call(*nnx.split(block), x_BTD, positions_BT, key_mask_BS, kv, end)
             if new_kv is not None:
                 ks.append(new_kv[0])
                 vs.append(new_kv[1])

@@ -35,8 +35,13 @@ def _on_multihost_cluster() -> bool:
     return "," in hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
-def model_path(cfg: Config) -> Path:
-    """The model directory; ``demo`` is the tiny Qwen2 shipped in the package."""
+def model_path(cfg: Config) -> Path | None:
+    """The model directory; ``demo`` is the tiny Qwen2 shipped in the package. None when the run starts
+    from random weights of ``model.preset`` (``model.path`` empty): device checks and benchmarks."""
+    if not cfg.model.path:
+        if not cfg.model.preset:
+            raise ConfigError("model.path is empty and no model.preset is set: nothing to train")
+        return None
     path = DEMO_ASSET if cfg.model.path == "demo" else Path(cfg.model.path).expanduser()
     if not path.is_dir():
         raise ConfigError(f"model.path: {cfg.model.path} is not a directory (a local HF model dir or 'demo')")

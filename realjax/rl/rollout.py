@@ -16,7 +16,6 @@ from typing import Callable
 
 import jax
 import numpy as np
-from flax import nnx
 
 from realjax import sharding as shd
 from realjax.data import batch_prompts, bucket_length

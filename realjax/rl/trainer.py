@@ -33,7 +33,8 @@ from realjax.config import Config, to_dict
 from realjax.data import PromptStream
 from realjax.losses import get_loss
 from realjax.metrics import MetricsWriter
-from realjax.models import from_pretrained, load_tokenizer, save_pretrained, stop_token_ids
+from realjax.models import (from_pretrained, init_model, load_tokenizer, preset, save_pretrained,
+                            stop_token_ids)
 from realjax.models.config import resolve_dtype
 from realjax.rl import components
 from realjax.rl.rollout import RolloutCollector, Rollouts
@@ -55,9 +56,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.mesh = shd.make_mesh(cfg.mesh)
         self.model_path = components.model_path(cfg)
-        self.tokenizer = load_tokenizer(self.model_path)
-        model = from_pretrained(self.model_path, dtype=cfg.model.param_dtype, compute_dtype=resolve_dtype(cfg.model.dtype),
-                                mesh=self.mesh, remat=cfg.model.remat, rules=shd.TRAIN_RULES)
+        self.tokenizer, model = self._load_model()
         self.model_cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)
         self.param_shardings = shd.state_shardings(self.params, self.mesh, shd.TRAIN_RULES)
@@ -70,6 +69,17 @@ class Trainer:
         self._stop_requested = False
 
     # -- construction ----------------------------------------------------------------------------------
+    def _load_model(self):
+        cfg, dtype = self.cfg, resolve_dtype(self.cfg.model.dtype)
+        if self.model_path is None:  # random weights of a preset, with the character tokenizer (device checks)
+            from realjax.tiny import char_tokenizer
+
+            arch = preset(cfg.model.preset, param_dtype=cfg.model.param_dtype, dtype=dtype, remat=cfg.model.remat)
+            return char_tokenizer(), init_model(arch, seed=cfg.seed, mesh=self.mesh, rules=shd.TRAIN_RULES)
+        model = from_pretrained(self.model_path, dtype=cfg.model.param_dtype, compute_dtype=dtype, mesh=self.mesh,
+                                remat=cfg.model.remat, rules=shd.TRAIN_RULES)
+        return load_tokenizer(self.model_path), model
+
     def _build_data(self):
         cfg = self.cfg
         self.train_rows, report = components.training_rows(cfg, self.tokenizer)
@@ -101,7 +111,8 @@ class Trainer:
 
     def _build_rollout(self):
         cfg, r = self.cfg, self.cfg.rollout
-        stops = stop_token_ids(self.model_path, self.tokenizer)
+        stops = (stop_token_ids(self.model_path, self.tokenizer) if self.model_path else
+                 (self.tokenizer.eos_token_id,))
         self.reward_fn, self.verifier, self.pool = components.build_reward_fn(cfg)
         sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                   top_k=r.top_k, stop_ids=stops)
@@ -166,6 +177,9 @@ class Trainer:
         metrics.update(self._updates(arrays))
         t3 = time.perf_counter()
         metrics.update(_rollout_metrics(batch, cfg.rollout.group_size))
+        tokens = float(batch.prompt_mask.sum() + batch.resp_mask.sum())
+        metrics["throughput/tokens_per_s"] = tokens / max(t3 - t0, 1e-9)
+        metrics.update(_memory_metrics())
         metrics.update({"time/rollout": self.collector.timings.get("rollout", 0.0),
                         "time/verifier": self.collector.timings.get("verifier", 0.0),
                         "time/scoring": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
@@ -319,6 +333,13 @@ def _opt_shardings(abstract_opt, param_shardings, mesh):
 
     return jax.tree.map(lambda node: param_shardings if mirrors_params(node) else replicated, abstract_opt,
                         is_leaf=mirrors_params)
+
+
+def _memory_metrics() -> dict:
+    """Peak device memory (GiB) where the backend reports it (GPU, TPU; not CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {"memory/peak_gib": peak / 2**30} if peak else {}
 
 
 def _rollout_metrics(batch: Rollouts, group_size: int) -> dict:

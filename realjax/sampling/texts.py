@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 
 from realjax import sharding as shd
