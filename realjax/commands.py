@@ -18,13 +18,14 @@ def demo_config_path() -> Path:
 def train(args) -> int:
     """`realjax train`: RL training from a YAML config (default: the demo) plus key=value overrides."""
     from realjax.config import ConfigError, load_config
+    from realjax.data import DataError
     from realjax.rl import TrainingDiverged
     from realjax.rl.trainer import Trainer
 
     try:
         cfg = load_config(args.config or demo_config_path(), args.overrides)
         trainer = Trainer(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         raise CliError(str(e)) from None
     try:
         summary = trainer.run()
