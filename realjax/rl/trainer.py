@@ -243,8 +243,9 @@ class Trainer:
         model = nnx.merge(self.graphdef, jax.device_put(self.params, self.rollout_shardings))
         e = self.cfg.eval
         per_call = e.prompts_per_call or self.cfg.rollout.prompts_per_call or 8
+        # The same seed at every evaluation: the curve compares policies on the same random draws.
         result = evaluate(model, self.tokenizer, self.eval_data, sampling=self.eval_sampler, n=e.n,
-                          seed=self.cfg.seed + 7919 * (step + 1), prompts_per_batch=per_call, verifier=self.verifier)
+                          seed=self.cfg.seed + 1, prompts_per_batch=per_call, verifier=self.verifier)
         metrics = {f"eval/{name}/pass@1": r["pass@1"] for name, r in result["datasets"].items()}
         metrics["eval/pass@1"] = result["average"]["pass@1"]
         metrics["time/eval"] = time.perf_counter() - t0
