@@ -103,6 +103,89 @@ def _add_export(sub):
     p.set_defaults(func=_lazy("export"))
 
 
+def _add_compile(sub):
+    p = sub.add_parser("compile", help="AOT-compile the RL step for a TPU topology on this host: per-chip memory, "
+                                       "FLOPs, fits or not (exit 0 fits, 1 does not, 2 error)")
+    p.add_argument("--config", help="YAML experiment file (default: the demo)")
+    p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v5p-32, v4-8, v5e-16, v6e-8")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for train")
+
+    def run(args):
+        from realjax.aot import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="benchmarks with baselines measured in the same run (sampler, update, "
+                                     "rl-step, gpu)")
+    which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+
+    def model_args(q, preset, layers, repeats):
+        q.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+        q.add_argument("--preset", default=preset, help="model preset (realjax.models.PRESETS) or 'tiny'")
+        q.add_argument("--layers", type=int, default=layers, help="blocks of the preset (0 = all)")
+        q.add_argument("--repeats", type=int, default=repeats, help="timed calls after one warm-up call")
+
+    q = which.add_parser("sampler", help="Sampler vs transformers generate vs the memory-bandwidth bound")
+    model_args(q, "qwen2.5-0.5b", 4, 3)
+    q.add_argument("--batch", type=int, default=8)
+    q.add_argument("--prompt", type=int, default=64)
+    q.add_argument("--new", type=int, default=128, help="new tokens per row (greedy, no stop ids)")
+    q.add_argument("--bandwidth-mb", type=float, default=512, help="fp32 matrix that measures the bandwidth")
+    q.add_argument("--no-baseline", action="store_true", help="skip transformers (no torch needed)")
+    q = which.add_parser("update", help="one REAL update (forward, backward, AdamW) vs the same step in torch")
+    model_args(q, "qwen2.5-0.5b", 4, 3)
+    q.add_argument("--rows", type=int, default=8)
+    q.add_argument("--prompt", type=int, default=128)
+    q.add_argument("--response", type=int, default=128)
+    q.add_argument("--group-size", type=int, default=4)
+    q.add_argument("--no-baseline", action="store_true", help="skip torch")
+    q = which.add_parser("rl-step", help="whole RL steps of a config: rollout/verifier/scoring/update/host split")
+    q.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    q.add_argument("--config", help="YAML experiment file (default: the demo)")
+    q.add_argument("--steps", type=int, default=3, help="RL steps; the first (compiles) is left out")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for train")
+    q = which.add_parser("gpu", help="GPU: copy bandwidth, bf16 matmul, batch-1 decode roofline, learner MFU")
+    model_args(q, "deepseek-r1-distill-qwen-1.5b", 0, 5)
+    q.add_argument("--prompt", type=int, default=128)
+    q.add_argument("--new", type=int, default=256, help="tokens decoded at batch 1")
+    q.add_argument("--tokens", type=int, default=8192, help="learner tokens per update")
+    q.add_argument("--seq", type=int, default=1024, help="learner tokens per row (prompt + response)")
+    q.add_argument("--copy-mb", type=float, default=4096, help="buffer of the copy-bandwidth test")
+    q.add_argument("--matmul-n", type=int, default=8192, help="size of the square bf16 matmul")
+    q.add_argument("--allow-cpu", action="store_true", help="run on a non-GPU backend anyway (tests)")
+
+    def run(args):
+        from realjax.bench import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_study(sub):
+    p = sub.add_parser("study", help="CPU mini-replication of Table 1: objectives x seeds on the demo task, "
+                                     "held-out pass@1 with 95%% CIs and seed-band curves")
+    p.add_argument("--config", help="YAML experiment file (default: the demo) under the study budget")
+    p.add_argument("--losses", default="real,real_bce,real_product,grpo,dapo,gspo,dr_grpo",
+                   help="comma-separated objectives (realjax.losses.LOSSES)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per objective")
+    p.add_argument("--out", default="study", help="study directory (rerun to resume; finished runs are skipped)")
+    p.add_argument("--base-n", type=int, default=16, help="samples per problem for the base policy's spread")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for train")
+
+    def run(args):
+        from realjax.study import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realjax", description="RL from verifiable rewards in JAX, built around REAL.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -111,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_train, _add_eval, _add_sample, _add_export, _add_plot]
+_COMMANDS = [_add_train, _add_eval, _add_sample, _add_export, _add_plot, _add_compile, _add_bench, _add_study]
 
 
 def main(argv: list[str] | None = None) -> int:
