@@ -157,6 +157,7 @@ def _add_bench(sub):
     q.add_argument("--seq", type=int, default=1024, help="learner tokens per row (prompt + response)")
     q.add_argument("--copy-mb", type=float, default=4096, help="buffer of the copy-bandwidth test")
     q.add_argument("--matmul-n", type=int, default=8192, help="size of the square bf16 matmul")
+    q.add_argument("--remat", default="full", help="learner remat policy (full, none, ...; the MFU counts no recompute)")
     q.add_argument("--allow-cpu", action="store_true", help="run on a non-GPU backend anyway (tests)")
 
     def run(args):

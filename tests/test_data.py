@@ -70,7 +70,7 @@ def test_paper_eval_sets_by_name_render(tokenizer):
     specs = ",".join(str(PAPER_DATA / f"{n}.parquet") for n in PAPER_SETS if n != "dapo-math-17k")
     loaded = data.load_many(specs)
     assert list(loaded) == [n for n in PAPER_SETS if n != "dapo-math-17k"]
-    for name, (rows, report) in loaded.items():
+    for rows, report in loaded.values():
         kept, full = data.render_prompts(rows, tokenizer, max_prompt_tokens=100_000, report=report)
         assert (full.total, full.kept) == (len(rows), len(rows)), full.summary()
         text = kept[0]["prompt_text"]

@@ -226,3 +226,24 @@ def test_demo_improves_held_out_pass_at_1_by_15_points(tmp_path):
     """The README's main job, in full (about 3 minutes on 2 cores)."""
     summary = Trainer(load_config(demo_config_path(), [f"output_dir={tmp_path}", "logging.progress=false"])).run()
     assert summary["pass@1_after"] - summary["pass@1_before"] >= 0.15, summary
+
+
+def test_rollout_view_in_compute_dtype_gives_the_same_logits():
+    """Rollouts read weights cast once to the compute dtype (half the bytes of fp32 master weights); the
+    model casts every weight to that dtype anyway, so the logits (and the sampler's logprobs) are
+    bit-identical to the trainer's."""
+    from realjax import sharding as shd
+    from realjax.models import ModelConfig, init_model
+    from realjax.rl.trainer import _rollout_view_fn
+
+    cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, intermediate_size=64, tie_word_embeddings=False,
+                      param_dtype="float32", dtype="bfloat16")
+    graphdef, params = nnx.split(init_model(cfg, seed=0))
+    mesh = shd.make_mesh(None)
+    view = _rollout_view_fn(cfg, shd.state_shardings(params, mesh, shd.ROLLOUT_RULES))(params)
+    assert {x.dtype for x in jax.tree.leaves(view)} == {np.dtype("bfloat16")}
+    ids = np.arange(24, dtype=np.int32).reshape(2, 12) % 64
+    want = nnx.merge(graphdef, params)(ids)
+    got = nnx.merge(graphdef, view)(ids)
+    chex.assert_trees_all_equal(want, got)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from realjax import sharding as shd
 from realjax.models.config import ModelConfig, config_to_hf, load_hf_config
-from realjax.models.transformer import Transformer
+from realjax.models.transformer import Transformer, placed_params
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -157,16 +157,17 @@ def abstract_model(cfg: ModelConfig):
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, mesh=None, rules=shd.TRAIN_RULES) -> Transformer:
-    """A randomly initialised model; with a mesh, each parameter is created directly in its shards."""
-    graphdef, abstract = abstract_model(cfg)
+    """A randomly initialised model; with a mesh, each parameter is created directly in its shards.
 
-    def make():
-        return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1]
-
+    Built eagerly: each weight comes from a small jitted initializer shared by every weight of its shape
+    (``transformer._param``), so the compile cost does not grow with the number of layers.
+    """
     if mesh is None:
-        return nnx.merge(graphdef, jax.jit(make)())
-    state = jax.jit(make, out_shardings=shd.state_shardings(abstract, mesh, rules))()
-    return nnx.merge(graphdef, state)
+        return Transformer(cfg, rngs=nnx.Rngs(seed))
+    with placed_params(mesh, rules):
+        graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
+    # the few weights made without an initializer (norm scales) move to their layout too
+    return nnx.merge(graphdef, jax.device_put(state, shd.state_shardings(state, mesh, rules)))
 
 
 def from_pretrained(path, dtype=jnp.float32, mesh=None, *, compute_dtype=None, remat: str = "none",

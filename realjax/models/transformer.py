@@ -10,6 +10,9 @@ every projection is an einsum with the weight's shape beside it. Axis letters: s
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 
 import jax
@@ -19,14 +22,38 @@ from flax import nnx
 
 from realjax.models.config import ModelConfig
 from realjax.models.kv_cache import KVCache
-from realjax.sharding import constrain
+from realjax.sharding import constrain, named
 
 _NEG = float(np.finfo(np.float32).min)  # finite, so a row with no visible key gives a uniform softmax, not NaN
 _INIT = nnx.initializers.normal(0.02)
 
 
+# (mesh, rules) while ``placed_params`` is active: new weights are created directly in their shards.
+_PLACEMENT = contextvars.ContextVar("realjax_param_placement", default=None)
+
+
+@contextlib.contextmanager
+def placed_params(mesh, rules):
+    """Create each weight of the modules built inside directly in its shards on ``mesh`` (by ``rules``)."""
+    token = _PLACEMENT.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _PLACEMENT.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _initializer(init, shape, dtype, sharding):
+    # One small program per distinct (shape, dtype, layout): a model built eagerly compiles a dozen of
+    # these instead of one program holding every layer's random draws, which XLA:GPU compiles for a
+    # minute at 1.5B.
+    return jax.jit(lambda key: init(key, shape, dtype), out_shardings=sharding)
+
+
 def _param(rngs, shape, dtype, axes, init=_INIT):
-    return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+    placement, shape, dtype = _PLACEMENT.get(), tuple(shape), jnp.dtype(dtype)
+    sharding = None if placement is None else named(axes, shape, *placement)
+    return nnx.Param(_initializer(init, shape, dtype, sharding)(rngs.params()), axes=axes)
 
 
 class RMSNorm(nnx.Module):

@@ -1,0 +1,185 @@
+"""`realjax compile` and the paper's configs: topology names, the configs' settings, AOT compiles for TPU.
+
+The compile tests need libtpu (the `tpu` extra: it carries the TPU compiler) and are skipped without it.
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from realjax import aot
+from realjax.cli import main as cli_main
+from realjax.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PAPER = sorted(CONFIGS.glob("r1_distill_qwen_*.yaml"))
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install 'realjax[tpu]')")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's configs (PAPER.md 3.1 / 3.2)
+# ----------------------------------------------------------------------------------------------------
+def test_all_paper_configs_present():
+    names = {p.stem for p in PAPER}
+    assert names == {f"r1_distill_qwen_1.5b_{m}" for m in ("real", "real_bce", "grpo", "dapo", "gspo")} | {
+        "r1_distill_qwen_7b_real"}
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
+def test_paper_config_loads_with_paper_settings(path):
+    cfg = load_config(path)
+    r, o, e = cfg.rollout, cfg.optim, cfg.eval
+    assert cfg.name == path.stem
+    assert (r.prompts_per_step, r.group_size, o.mini_batches) == (128, 8, 4)
+    assert (r.temperature, r.top_p, r.top_k, r.max_new_tokens, cfg.data.max_prompt_tokens) == (0.6, 1.0, 0, 8192, 1024)
+    assert (o.weight_decay, o.grad_clip, o.b1, o.b2, o.schedule, o.warmup_steps) == (0.01, 1.0, 0.9, 0.999, "constant", 0)
+    assert o.lr == (1e-6 if "7b" in path.stem else 2e-6)
+    assert (e.n, e.temperature, e.top_p) == (16, 0.6, 0.95)
+    assert cfg.reward.require_think and cfg.reward.fn == "math"
+    assert (cfg.model.param_dtype, cfg.model.dtype) == ("float32", "bfloat16")
+    assert cfg.model.preset == ("deepseek-r1-distill-qwen-7b" if "7b" in path.stem else "deepseek-r1-distill-qwen-1.5b")
+    assert not r.dynamic_sampling and not r.overlong_filter  # the paper's DAPO baseline has neither
+    # Micro-batches and sampler calls hold whole groups and split evenly.
+    assert (r.prompts_per_step // o.mini_batches) % o.micro_batches == 0
+    assert r.prompts_per_step % r.prompts_per_call == 0
+    assert "dapo-math-17k" in cfg.data.train
+    text = path.read_text()
+    assert text.startswith("# ") and "realjax train --config configs/" + path.name in text
+    assert "realjax compile --config configs/" + path.name in text and "Table" in text
+
+
+def test_paper_config_objectives():
+    loss = {p.stem.split("_", 4)[-1]: load_config(p).loss for p in PAPER if "1.5b" in p.stem}
+    assert loss["real"].name == "real" and loss["real"].tau == 0.5
+    assert loss["real_bce"].name == "real_bce" and loss["real_bce"].tau == 0.5
+    assert (loss["grpo"].clip_eps, loss["grpo"].kl_coef, loss["grpo"].kl_estimator) == (0.2, 0.001, "k3")
+    assert (loss["dapo"].clip_low, loss["dapo"].clip_high) == (0.2, 0.28)
+    assert (loss["gspo"].clip_low, loss["gspo"].clip_high) == (3e-4, 4e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Topology names (no libtpu needed)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, chips, jax_name, host", [
+    ("v5p-8", 4, "v5:2x2x1", (2, 2, 1)),
+    ("v5p-16", 8, "v5:2x2x2", (2, 2, 1)),
+    ("v5p-32", 16, "v5:2x2x4", (2, 2, 1)),
+    ("v5p-128", 64, "v5:4x4x4", (2, 2, 1)),
+    ("v4-8", 4, "v4:2x2x1", (2, 2, 1)),
+    ("v4-64", 32, "v4:2x4x4", (2, 2, 1)),
+    ("v5e-1", 1, "v5e:1x1", (1, 1, 1)),
+    ("v5litepod-8", 8, "v5e:2x4", (2, 4, 1)),
+    ("v5e-16", 16, "v5e:4x4", (2, 2, 1)),
+    ("v6e-8", 8, "v6e:2x4", (2, 4, 1)),
+    ("v6e-256", 256, "v6e:16x16", (2, 2, 1)),
+    ("v5p:4x4x12", 192, "v5:4x4x12", (2, 2, 1)),
+])
+def test_parse_topology(name, chips, jax_name, host):
+    topo = aot.parse_topology(name)
+    assert (topo.chips, topo.jax_name, topo.host_bounds) == (chips, jax_name, host)
+    assert math.prod(topo.shape) == chips
+
+
+@pytest.mark.parametrize("name", ["v5p-7", "v3-8", "tpu", "v5p-24", "v6e:2x2x2"])
+def test_parse_topology_rejects(name):
+    with pytest.raises(ValueError):
+        aot.parse_topology(name)
+
+
+def test_chip_table():
+    assert aot.CHIPS["v5p"].hbm_bytes == 95 * 2**30 and aot.CHIPS["v5p"].peak_flops == 459e12
+    assert [aot.CHIPS[c].hbm_bytes // 2**30 for c in ("v4", "v5e", "v6e")] == [32, 16, 32]
+
+
+def test_compile_without_libtpu_says_how_to_install(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` raises ImportError
+    assert cli_main(["compile", "--topology", "v5p-8"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'realjax[tpu]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compile_bad_topology_is_a_one_line_error(capsys):
+    assert cli_main(["compile", "--topology", "v9x-8"]) == 2
+    assert "unknown TPU topology" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# AOT compiles (libtpu)
+# ----------------------------------------------------------------------------------------------------
+TINY = ["rollout.max_new_tokens=16", "rollout.prompts_per_step=8", "rollout.prompts_per_call=4",
+        "data.max_prompt_tokens=16", "eval.n=4", "eval.prompts_per_call=4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """A one-layer version of the demo model compiled for v5p-8 through the CLI, as JSON. Only its
+    config.json is needed: nothing is allocated, no weights are read."""
+    if not HAS_LIBTPU:
+        pytest.skip("libtpu not installed (pip install 'realjax[tpu]')")
+    import contextlib
+    import io
+
+    from realjax.rl.components import DEMO_ASSET
+
+    model = tmp_path_factory.mktemp("tiny_model")
+    arch = json.loads((DEMO_ASSET / "config.json").read_text())
+    arch.update(num_hidden_layers=1, hidden_size=64, intermediate_size=128, head_dim=16)
+    (model / "config.json").write_text(json.dumps(arch))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli_main(["compile", "--topology", "v5p-8", "--json", f"model.path={model}", *TINY])
+    return rc, out.getvalue()
+
+
+@needs_libtpu
+def test_tiny_compile_for_v5p_8(tiny_report):
+    rc, text = tiny_report
+    assert rc == 0 and len(text.strip().splitlines()) == 1
+    rep = json.loads(text)
+    assert rep["fits"] is True and (rep["chip"], rep["chips"], rep["jax_topology"]) == ("v5p", 4, "v5:2x2x1")
+    assert rep["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert rep["hbm_bytes_per_chip"] == 95 * 2**30
+    assert set(rep["programs"]) == {"prefill", "decode", "eval_prefill", "eval_decode", "update"}
+    for name, p in rep["programs"].items():
+        assert p["fits"] and not p["error"], name
+        assert 0 < p["peak_bytes"] <= rep["peak_bytes_per_chip"]
+        assert p["flops_per_chip"] > 0
+    assert rep["programs"]["decode"]["runs_per_step"] == 16 * 2  # budget x (8 prompts / 4 per call)
+    assert rep["programs"]["update"]["runs_per_step"] == 2  # the demo's optim.mini_batches
+    assert rep["programs"]["eval_decode"]["runs_per_step"] == 0  # must fit, not part of the step time
+    # tied embedding + q/k/v/o (4 heads, 2 kv heads, head 16) + q/k/v biases + SwiGLU + 3 norms
+    assert rep["model"]["params"] == 102 * 64 + 3 * 64 * 64 + 8 * 16 + 3 * 64 * 128 + 3 * 64
+    assert rep["flops"] > 0 and 0 < rep["step_time_lower_bound_s"] <= rep["step_time_roofline_s"]
+    # The update's FLOPs are at least 6 x params x tokens (forward + backward), per chip.
+    upd = rep["programs"]["update"]
+    tokens = (8 * 8 // 2) * (16 + 16 - 1)
+    assert upd["flops_per_chip"] * 4 >= 6 * rep["model"]["params"] * tokens * 0.5
+
+
+@needs_libtpu
+def test_compile_exit_1_when_it_does_not_fit(tiny_report, monkeypatch, capsys):
+    """The tiny report as if the update needed more than the chip has: exit 1 and the table says so."""
+    rep = json.loads(tiny_report[1])
+    rep["programs"]["update"]["fits"] = rep["fits"] = False
+    monkeypatch.setattr(aot, "compile_report", lambda cfg, topology, log: rep)
+    assert cli_main(["compile", "--topology", "v5p-8", *TINY]) == 1
+    text = capsys.readouterr().out
+    assert "DOES NOT FIT" in text and "> HBM" in text and "update" in text
+
+
+@pytest.mark.slow
+@needs_libtpu
+@pytest.mark.parametrize("config, topology", [("r1_distill_qwen_1.5b_real", "v5p-8"),
+                                              ("r1_distill_qwen_7b_real", "v5p-32")])
+def test_paper_config_fits(config, topology):
+    """The full-size compiles of docs/aot_reports.md (minutes each on a small host)."""
+    cfg = load_config(CONFIGS / f"{config}.yaml")
+    rep = aot.compile_report(cfg, topology)
+    assert rep["fits"], aot.format_report(rep, config)
+    assert rep["peak_bytes_per_chip"] < 0.9 * rep["hbm_bytes_per_chip"]

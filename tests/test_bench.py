@@ -1,0 +1,97 @@
+"""`realjax bench`: every benchmark runs end to end at tiny sizes and reports finite, positive numbers; the
+baselines do the same work as realjax (same loss, same bytes). No timing is ever asserted: the numbers
+measure a shared machine."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from realjax import bench, cli
+from realjax.models import abstract_model
+
+TINY = ["--preset", "tiny", "--layers", "2", "--repeats", "1"]
+
+
+def _run(capsys, *argv):
+    rc = cli.main(["bench", *argv, "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    assert len(lines) == 1, lines  # --json prints exactly one line; everything else goes to stderr
+    return json.loads(lines[0])
+
+
+def _positive(res, *keys):
+    for k in keys:
+        assert isinstance(res[k], (int, float)) and math.isfinite(res[k]) and res[k] > 0, (k, res[k])
+
+
+def test_sampler_bench(capsys):
+    pytest.importorskip("torch")
+    res = _run(capsys, "sampler", *TINY, "--batch", "2", "--prompt", "8", "--new", "6", "--bandwidth-mb", "4")
+    _positive(res, "realjax_tok_s", "realjax_decode_tok_s", "baseline_tok_s", "ratio", "bound_tok_s",
+              "fraction_of_bound", "bandwidth_gb_s", "compile_s", "bytes_per_step_mb", "torch_threads")
+    assert res["first_token_agreement"] == 1.0  # same weights, greedy: both pick the same first tokens
+    assert res["load_avg_1m"] >= 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_bytes_count_every_weight_once(tied):
+    cfg = bench.model_config("tiny").replace(tie_word_embeddings=tied)
+    _, abstract = abstract_model(cfg)
+    weights = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    B, S = 3, 10
+    gathered = 0 if tied else (cfg.vocab_size - B) * cfg.hidden_size * 4  # only B rows of an untied embedding
+    kv = 2 * cfg.num_layers * B * S * cfg.num_kv_heads * cfg.head_dim * 4
+    assert bench.decode_bytes_per_step(cfg, B, S) == weights - gathered + kv
+
+
+def test_update_bench_matches_torch_loss(capsys):
+    pytest.importorskip("torch")
+    res = _run(capsys, "update", *TINY, "--rows", "4", "--prompt", "6", "--response", "5", "--group-size", "2")
+    _positive(res, "realjax_tok_s", "baseline_tok_s", "ratio", "compile_s", "torch_threads")
+    # Same weights and batch: the first step's loss is the same number on both sides.
+    assert res["loss_realjax"] == pytest.approx(res["loss_torch"], rel=1e-4, abs=1e-5)
+
+
+def test_torch_real_loss_equals_realjax():
+    torch = pytest.importorskip("torch")
+    from realjax.losses import real_loss
+
+    rng = np.random.default_rng(0)
+    B, T, R = 12, 7, 4
+    logp, old = -rng.random((B, T)).astype(np.float32), -rng.random((B, T)).astype(np.float32)
+    mask = (rng.random((B, T)) < 0.8).astype(np.float32)
+    rewards = np.array([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0], np.float32)  # mixed, all-right, all-wrong
+    want, _ = real_loss(logp, old, mask, rewards, group_size=R, tau=0.5)
+    got = bench.torch_real_loss(*map(torch.from_numpy, (logp, old, mask, rewards)), group_size=R, tau=0.5)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_rl_step_bench(capsys):
+    # one-operation problems: every prompt has the same length, so no later step recompiles for a new bucket
+    res = _run(capsys, "rl-step", "--steps", "2", "data.train=synthetic:arithmetic?n=64&seed=0&min_ops=1&max_ops=1",
+               "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
+               "optim.mini_batches=1", "reward.workers=1", "trainer.logp_check_every=0")
+    _positive(res, "step_s", "first_step_s", "rollout_s", "update_s")
+    fractions = [res[f"{p}_fraction"] for p in ("rollout", "verifier", "scoring", "update", "host")]
+    assert all(0 <= f <= 1 for f in fractions)
+    assert sum(fractions) == pytest.approx(1.0, abs=1e-6)  # the phases make up the whole step
+    assert 0 <= res["verifier_and_host_fraction"] <= 1
+
+
+def test_gpu_bench_needs_a_gpu(capsys):
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present")
+    assert cli.main(["bench", "gpu"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_gpu_bench_pieces_on_cpu(capsys):
+    res = _run(capsys, "gpu", "--preset", "tiny", "--layers", "1", "--repeats", "1", "--allow-cpu", "--prompt", "4",
+               "--new", "4", "--tokens", "32", "--seq", "8", "--copy-mb", "1", "--matmul-n", "32")
+    _positive(res, "copy_bandwidth_gb_s", "matmul_tflop_s", "decode_tok_s", "decode_roofline_tok_s",
+              "decode_fraction", "learner_tok_s", "mfu")
+    assert res["learner_tokens"] == 32
