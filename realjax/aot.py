@@ -14,9 +14,10 @@ compiles the very programs the trainer runs:
 For each it reports XLA's per-chip memory (arguments, outputs, temporaries, code) and FLOPs. A
 program's ``peak`` is XLA's (arguments + outputs - donated aliases + temporaries); ``resident`` adds the
 device buffers the trainer keeps alive across the call that are not its arguments (the training
-weights and Adam moments during rollout, the rollout copy of the weights during updates, GRPO's
-reference weights). A program that XLA cannot fit fails to compile with RESOURCE_EXHAUSTED; that is
-reported as not fitting, with the size XLA asked for.
+weights and Adam moments during rollout, the Adam moments during scoring, GRPO's reference weights;
+the trainer drops the rollout view of the weights before the learner runs). A program that XLA cannot
+fit fails to compile with RESOURCE_EXHAUSTED; that is reported as not fitting, with the size XLA asked
+for.
 
 With ``data.eval`` set, the evaluation sampler's two programs (``eval.n`` samples per prompt,
 ``eval.prompts_per_call`` prompts) are compiled too: they must fit, but are not part of the step time.

@@ -23,6 +23,12 @@ needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (
 # ----------------------------------------------------------------------------------------------------
 # The paper's configs (PAPER.md 3.1 / 3.2)
 # ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem and cfg.rollout.prompts_per_step % cfg.optim.mini_batches == 0
+
+
 def test_all_paper_configs_present():
     names = {p.stem for p in PAPER}
     assert names == {f"r1_distill_qwen_1.5b_{m}" for m in ("real", "real_bce", "grpo", "dapo", "gspo")} | {
