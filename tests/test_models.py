@@ -93,7 +93,8 @@ def test_sharded_equals_unsharded(hf_pair, mesh_shape):
                                atol=2e-5)
 
 
-def test_chunked_logprobs_equal_naive_in_value_and_gradient():
+@pytest.mark.parametrize("chunk_tokens", [8, 4096])  # 2 positions per chunk; one chunk (logits kept)
+def test_chunked_logprobs_equal_naive_in_value_and_gradient(chunk_tokens):
     from realjax.models import ModelConfig
 
     cfg = ModelConfig(family="qwen2", vocab_size=97, hidden_size=32, num_layers=1, num_heads=4,
@@ -105,7 +106,7 @@ def test_chunked_logprobs_equal_naive_in_value_and_gradient():
     def chunked(state):
         m = nnx.merge(graphdef, state)
         h, _ = m.hidden_states(ids[:, :-1])
-        lp, ent = token_logprobs(m, h, ids[:, 1:], temperature=0.7, chunk_tokens=8)  # 2 positions per chunk
+        lp, ent = token_logprobs(m, h, ids[:, 1:], temperature=0.7, chunk_tokens=chunk_tokens)
         return jnp.sum(lp), (lp, ent)
 
     def naive(state):

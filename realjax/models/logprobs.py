@@ -21,7 +21,7 @@ def token_logprobs(model, h_BTD, targets_BT, *, temperature: float = 1.0, chunk_
       temperature: the sampling temperature; the policy in the RL objective is the tempered one.
       chunk_tokens: about how many (row, position) pairs share one chunk of logits.
     Returns:
-      ``(logp_BT, entropy_BT)``.
+      ``(logp_BT, entropy_BT)``; the entropy is a metric and carries no gradient.
     """
     B, T, D = h_BTD.shape
     c = max(1, min(T, chunk_tokens // max(B, 1)))
@@ -32,15 +32,21 @@ def token_logprobs(model, h_BTD, targets_BT, *, temperature: float = 1.0, chunk_
     w_DV = model.unembedding().astype(model.cfg.dtype)
     inv_temp = 1.0 / temperature
 
-    @jax.checkpoint  # keep only the chunk's inputs for the backward pass, never its logits
     def chunk(h_BcD, t_Bc):
         z_BcV = jnp.einsum("BcD,DV->BcV", h_BcD, w_DV, preferred_element_type=jnp.float32) * inv_temp
         lse_Bc = jax.nn.logsumexp(z_BcV, axis=-1)
         logp_Bc = jnp.take_along_axis(z_BcV, t_Bc[..., None], axis=-1)[..., 0] - lse_Bc
-        p_BcV = jnp.exp(z_BcV - lse_Bc[..., None])
-        entropy_Bc = lse_Bc - jnp.sum(p_BcV * z_BcV, axis=-1)
+        # The entropy is a metric: no gradient, so the backward pass never touches its [B, c, V] terms.
+        z_BcV, lse_Bc = jax.lax.stop_gradient(z_BcV), jax.lax.stop_gradient(lse_Bc)
+        entropy_Bc = lse_Bc - jnp.sum(jnp.exp(z_BcV - lse_Bc[..., None]) * z_BcV, axis=-1)
         return logp_Bc, entropy_Bc
 
-    logp_NBc, ent_NBc = jax.lax.map(lambda xs: chunk(*xs), (h_NBcD, t_NBc))
+    if n == 1:
+        # One chunk: keep its logits for the backward pass rather than recompute them (one [B*T, D] x
+        # [D, V] matmul less; the logits then stay alive through the blocks' backward pass).
+        logp, entropy = chunk(h_BTD, targets_BT)
+        return logp, entropy
+    # Several chunks: keep only each chunk's inputs for the backward pass, never its logits.
+    logp_NBc, ent_NBc = jax.lax.map(lambda xs: jax.checkpoint(chunk)(*xs), (h_NBcD, t_NBc))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :T]
     return unchunk(logp_NBc), unchunk(ent_NBc)
