@@ -11,7 +11,8 @@ is noisy, so each report carries the load average it ran under.
   run (the operation decode is made of), so ``bound_tok_s = batch * bandwidth / bytes_per_step``
   (target >= 80%).
 * ``update``: tokens/s of one REAL update (forward, backward, clip, AdamW) vs the same step in torch
-  (transformers Qwen2 + REAL written in torch + torch.optim.AdamW; target >= 1.5x).
+  (transformers Qwen2 + REAL written in torch + torch.optim.AdamW; target >= 1.5x), and vs the compute
+  bound: the step's FLOPs (``update_flops``) at the rate of a large fp32 matmul measured in this run.
 * ``rl-step``: whole RL steps of a config (default: the demo) through ``Trainer``; the split of a step
   from its ``time/*`` metrics (target: verifier + host < 10% of a step).
 * ``gpu``: the card's copy bandwidth and bf16 matmul rate; batch-1 decode of the 1.5B preset vs the HBM
@@ -142,6 +143,34 @@ def matvec_probe(rows: int, dim: int, mbytes: float, calls: int = 3):
 
     probe.matrix_mb = out * dim * 4 / 2**20
     return probe
+
+
+def matmul_probe(m: int, k: int, n: int, dtype: str = "float32", calls: int = 3):
+    """A function measuring the FLOP/s of ``x[m, k] @ w[k, n]`` (median of ``calls``): the rate of the
+    large matmuls an update is made of, measured next to it (the bound on the update's speed)."""
+    import jax
+    import jax.numpy as jnp
+
+    x, w = jnp.full((m, k), 0.5, dtype), jnp.full((k, n), 0.01, dtype)
+    f = jax.jit(lambda x, w: x @ w)
+    f(x, w).block_until_ready()
+
+    def probe() -> dict:
+        t = np.median([_seconds(lambda: f(x, w).block_until_ready()) for _ in range(calls)])
+        return {"matmul_gflop_s": 2 * m * k * n / t / 1e9}
+
+    return probe
+
+
+def update_flops(cfg, *, rows: int, prompt: int, response: int) -> float:
+    """FLOPs of one update (forward + backward = 6 per weight per token): every block weight on all
+    ``prompt + response - 1`` input positions, the LM head on the ``response`` positions it scores, and
+    attention's two [T, T] products (computed in full, masked, as the model does)."""
+    T = prompt + response - 1
+    head = cfg.vocab_size * cfg.hidden_size
+    blocks = matmul_params(cfg) - head
+    attention = 2 * 2 * T * T * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    return 6 * blocks * rows * T + 6 * head * rows * response + 3 * rows * attention
 
 
 @contextlib.contextmanager
@@ -309,7 +338,7 @@ def torch_real_loss(logp_BT, old_logp_BT, mask_BT, rewards_B, *, group_size: int
 
 
 def bench_update(cfg, *, rows: int, prompt: int, response: int, group_size: int, repeats: int,
-                 baseline: bool = True, lr: float = 1e-6) -> dict:
+                 baseline: bool = True, lr: float = 1e-6, bound: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -340,6 +369,9 @@ def bench_update(cfg, *, rows: int, prompt: int, response: int, group_size: int,
             return {"s": time.perf_counter() - t0, "loss": loss}
 
         calls = {"realjax": realjax_call, **calls}
+        if bound:  # the MLP's up-projection over every token: the step's typical large matmul
+            calls["matmul"] = matmul_probe(rows * (prompt + response - 1), cfg.hidden_size, cfg.intermediate_size,
+                                           cfg.dtype)
         warm, rounds = interleaved(calls, repeats)
     tokens = rows * (prompt + response)
     t = median(rounds["realjax"], "s")
@@ -347,6 +379,11 @@ def bench_update(cfg, *, rows: int, prompt: int, response: int, group_size: int,
            "rows": rows, "tokens_per_row": prompt + response, "group_size": group_size,
            "realjax_tok_s": tokens / t, "realjax_step_s": t, "compile_s": compile_s,
            "loss_realjax": warm["realjax"]["loss"], "jax_devices": len(jax.devices())}
+    if bound:
+        flops = update_flops(cfg, rows=rows, prompt=prompt, response=response)
+        rate = median(rounds["matmul"], "matmul_gflop_s") * 1e9
+        res.update(flops_per_step=flops, matmul_gflop_s=rate / 1e9, bound_step_s=flops / rate,
+                   fraction_of_bound=flops / rate / t)
     if baseline:
         tb = median(rounds["baseline"], "s")
         idx = range(len(rounds["realjax"]))
@@ -354,6 +391,8 @@ def bench_update(cfg, *, rows: int, prompt: int, response: int, group_size: int,
                    baseline_tok_s=tokens / tb, baseline_step_s=tb, loss_torch=warm["baseline"]["loss"],
                    ratio=median(idx, lambda i: rounds["baseline"][i]["s"] / rounds["realjax"][i]["s"]),
                    torch_threads=_torch_threads())
+        if bound:  # the largest ratio any implementation could reach: the baseline's time over the bound
+            res.update(baseline_fraction_of_bound=res["bound_step_s"] / tb, ratio_at_bound=tb / res["bound_step_s"])
     return res
 
 
@@ -467,10 +506,8 @@ def bench_gpu(cfg, *, prompt: int, new: int, tokens: int, seq: int, copy_mb: flo
     learn_cfg = cfg.replace(dtype="bfloat16", param_dtype="float32", remat=remat)
     rows, prompt_len = max(tokens // seq, 2), seq // 4
     upd = bench_update(learn_cfg, rows=rows, prompt=prompt_len, response=seq - prompt_len, group_size=rows,
-                       repeats=repeats, baseline=False)
-    # 6 FLOPs per parameter per token, but the LM head only sees the response tokens it scores
-    head = learn_cfg.vocab_size * learn_cfg.hidden_size
-    flops = 6 * ((matmul_params(learn_cfg) - head) * rows * seq + head * rows * (seq - prompt_len))
+                       repeats=repeats, baseline=False, bound=False)
+    flops = update_flops(learn_cfg, rows=rows, prompt=prompt_len, response=seq - prompt_len)
     res.update(learner_tokens=rows * seq, learner_step_s=upd["realjax_step_s"], learner_tok_s=upd["realjax_tok_s"],
                mfu=flops / upd["realjax_step_s"] / (rate * 1e12), learner_compile_s=upd["compile_s"], remat=remat)
     return res

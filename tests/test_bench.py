@@ -51,9 +51,20 @@ def test_decode_bytes_count_every_weight_once(tied):
 def test_update_bench_matches_torch_loss(capsys):
     pytest.importorskip("torch")
     res = _run(capsys, "update", *TINY, "--rows", "4", "--prompt", "6", "--response", "5", "--group-size", "2")
-    _positive(res, "realjax_tok_s", "baseline_tok_s", "ratio", "compile_s", "torch_threads")
+    _positive(res, "realjax_tok_s", "baseline_tok_s", "ratio", "compile_s", "torch_threads", "flops_per_step",
+              "matmul_gflop_s", "bound_step_s", "fraction_of_bound", "ratio_at_bound")
     # Same weights and batch: the first step's loss is the same number on both sides.
     assert res["loss_realjax"] == pytest.approx(res["loss_torch"], rel=1e-4, abs=1e-5)
+
+
+def test_update_flops_count_six_per_weight_per_token():
+    cfg = bench.model_config("tiny")  # tied: the embedding is the LM head
+    rows, prompt, response = 3, 5, 4
+    T = prompt + response - 1
+    head = cfg.vocab_size * cfg.hidden_size
+    attention = 3 * rows * 4 * T * T * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    want = 6 * (cfg.num_params() - head) * rows * T + 6 * head * rows * response + attention
+    assert bench.update_flops(cfg, rows=rows, prompt=prompt, response=response) == want
 
 
 def test_torch_real_loss_equals_realjax():
