@@ -12,7 +12,6 @@ non-finite loss or gradient leaves parameters and optimizer state untouched and 
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -78,18 +77,26 @@ def make_update_step(graphdef, optimizer, loss_fn, hparams: dict, *, group_size:
             (_, metrics), g = grad_fn(params, mb)
             return jax.tree.map(jnp.add, grads, g), metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, per_micro = jax.lax.scan(accumulate, zeros, batch)
         n = jax.tree.leaves(batch)[0].shape[0]
-        grads = jax.tree.map(lambda g: g / n, grads)
-        metrics = {k: jnp.sum(v) if k in _SUMMED else jnp.mean(v) for k, v in per_micro.items()}
+        if n == 1:  # one micro-batch: no accumulator to fill and add to
+            (_, metrics), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, per_micro = jax.lax.scan(accumulate, zeros, batch)
+            grads = jax.tree.map(lambda g: g / n, grads)
+            metrics = {k: jnp.sum(v) if k in _SUMMED else jnp.mean(v) for k, v in per_micro.items()}
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+
+        def apply(params, opt_state, grads):
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt_state
+
+        # A non-finite loss or gradient skips the update: a branch, not a select over every parameter and
+        # moment (three extra passes over the whole state on a CPU).
+        new_params, new_opt_state = jax.lax.cond(ok, apply, lambda p, o, g: (p, o), params, opt_state, grads)
         metrics.update(grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32))
-        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+        return new_params, new_opt_state, metrics
 
     out_shardings = None if shardings is None else (shardings[0], shardings[1], None)
     # Parameters and optimizer state are replaced every step: donate them so XLA updates in place.
