@@ -205,16 +205,10 @@ def model_config(cfg):
                       "the compile needs the architecture from one of them")
 
 
-def _abstract(tree, shardings, dtype=None):
-    """ShapeDtypeStructs with ``shardings``; ``dtype`` replaces the floating dtypes (the rollout view)."""
+def _abstract(tree, shardings):
     import jax
-    import jax.numpy as jnp
 
-    def one(x, s):
-        dt = dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-        return jax.ShapeDtypeStruct(x.shape, dt, sharding=s)
-
-    return jax.tree.map(one, tree, shardings)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def _bytes_per_chip(tree) -> int:
@@ -325,23 +319,21 @@ def _abstract_state(cfg, mcfg, mesh, use_ref: bool) -> _State:
 
     from realjax import sharding as shd
     from realjax.models import abstract_model
-    from realjax.rl.trainer import _opt_shardings
-    from realjax.rl.update import make_optimizer
+    from realjax.rl.components import make_run_optimizer
+    from realjax.rl.trainer import _opt_shardings, _rollout_view_fn
 
-    o = cfg.optim
     graphdef, abstract = abstract_model(mcfg)
     train_sh = shd.state_shardings(abstract, mesh, shd.TRAIN_RULES)
     params = _abstract(abstract, train_sh)
-    # Rollouts read the trainer's rollout view: ROLLOUT_RULES layout, compute dtype (trainer._rollout_view_fn)
-    rollout_params = _abstract(abstract, shd.state_shardings(abstract, mesh, shd.ROLLOUT_RULES), mcfg.dtype)
-    optimizer = make_optimizer(o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, eps=o.eps,
-                               schedule=o.schedule, warmup_updates=o.warmup_steps * o.mini_batches,
-                               total_updates=cfg.trainer.steps * o.mini_batches)
+    # Rollouts read the trainer's rollout view of the weights (its layout and dtype, from the same function).
+    rollout_params = jax.eval_shape(_rollout_view_fn(mcfg, shd.state_shardings(abstract, mesh, shd.ROLLOUT_RULES)),
+                                    params)
+    optimizer = make_run_optimizer(cfg)
     abstract_opt = jax.eval_shape(optimizer.init, abstract)
     opt_sh = _opt_shardings(abstract_opt, train_sh, mesh)
     opt_state = _abstract(abstract_opt, opt_sh)
-    # The trainer's rollout view lives through the whole RL step; when layout and dtype agree it is the
-    # same buffers.
+    # The rollout view lives beside the training weights during rollouts; when layout and dtype agree it
+    # is the same buffers.
     same = all(a.sharding.spec == b.sharding.spec and a.dtype == b.dtype
                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(rollout_params)))
     b_params = _bytes_per_chip(params)
@@ -359,6 +351,7 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
     from realjax import sharding as shd
     from realjax.data import bucket_length
     from realjax.losses import get_loss
+    from realjax.rl.components import eval_prompts_per_call, recomputes_old_logp, scoring_chunks, uses_reference
     from realjax.rl.update import make_scoring_fn, make_update_step
     from realjax.sampling import SamplingConfig
 
@@ -368,8 +361,7 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
     r, o, e = cfg.rollout, cfg.optim, cfg.eval
     G, tp, N = r.group_size, bucket_length(cfg.data.max_prompt_tokens), r.max_new_tokens
     hparams = cfg.loss.hparams()
-    use_ref = cfg.loss.name == "grpo" and hparams.get("kl_coef", 0.0) > 0  # as Trainer._build_learner
-    recompute = r.old_logp == "recompute" or (r.old_logp == "auto" and mcfg.dtype != "float32")
+    use_ref, recompute = uses_reference(cfg), recomputes_old_logp(cfg, mcfg.dtype)
     st = _abstract_state(cfg, mcfg, mesh, use_ref)
     b = st.bytes
 
@@ -386,14 +378,14 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
     if cfg.data.eval:
         sampling = SamplingConfig(max_new_tokens=e.max_new_tokens or N, temperature=e.temperature, top_p=e.top_p,
                                   top_k=e.top_k, stop_ids=stops)
-        eval_call = e.prompts_per_call or r.prompts_per_call or 8  # as Trainer._evaluate
+        eval_call = eval_prompts_per_call(cfg)
         programs += _sampler_programs("eval_", sampling, st, mesh, eval_call, tp, e.n, 0, resident, log)
 
     # -- learner: old / reference log-probs over the whole batch, then one update per mini-batch -------
     kw = dict(temperature=r.temperature, chunk_tokens=cfg.model.logprob_chunk_tokens)
     rows = r.prompts_per_step * G
     if recompute or use_ref:
-        chunks = o.mini_batches * o.micro_batches  # as Trainer._old_and_ref_logp
+        chunks = scoring_chunks(cfg)
         score = Program("score", int(recompute) + int(use_ref), f"{chunks} x {rows // chunks} rows x {tp}+{N} tok",
                         b["opt_state"] + b["ref_params"])
         batch = _update_batch(mesh, chunks, rows // chunks, tp, N, with_ref=False)

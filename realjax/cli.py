@@ -11,12 +11,12 @@ class CliError(Exception):
     """An error the user can fix; printed as one line, exit code 2."""
 
 
-def _lazy(name: str):
-    """The command's implementation in realjax.commands, imported only when it runs."""
+def _lazy(name: str, module: str = "realjax.commands"):
+    """``module.name(args)``, imported only when the command runs (``realjax --help`` stays fast)."""
     def run(args):
-        from realjax import commands
+        import importlib
 
-        return getattr(commands, name)(args)
+        return getattr(importlib.import_module(module), name)(args)
 
     return run
 
@@ -78,13 +78,7 @@ def _add_eval(sub):
                    help="score 0 without </think> (the official verifier's switch)")
     p.add_argument("--no-chat-template", action="store_true", help="feed raw text, not the chat template")
     p.add_argument("--output", help="write the results (metrics, per-problem counts, settings) as JSON here")
-
-    def run(args):
-        from realjax.evaluate import main
-
-        return main(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("main", "realjax.evaluate"))
 
 
 def _add_train(sub):
@@ -110,13 +104,7 @@ def _add_compile(sub):
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v5p-32, v4-8, v5e-16, v6e-8")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for train")
-
-    def run(args):
-        from realjax.aot import main
-
-        return main(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("main", "realjax.aot"))
 
 
 def _add_bench(sub):
@@ -159,13 +147,7 @@ def _add_bench(sub):
     q.add_argument("--matmul-n", type=int, default=8192, help="size of the square bf16 matmul")
     q.add_argument("--remat", default="full", help="learner remat policy (full, none, ...; the MFU counts no recompute)")
     q.add_argument("--allow-cpu", action="store_true", help="run on a non-GPU backend anyway (tests)")
-
-    def run(args):
-        from realjax.bench import main
-
-        return main(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("main", "realjax.bench"))
 
 
 def _add_study(sub):
@@ -178,13 +160,7 @@ def _add_study(sub):
     p.add_argument("--out", default="study", help="study directory (rerun to resume; finished runs are skipped)")
     p.add_argument("--base-n", type=int, default=16, help="samples per problem for the base policy's spread")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for train")
-
-    def run(args):
-        from realjax.study import main
-
-        return main(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("main", "realjax.study"))
 
 
 def build_parser() -> argparse.ArgumentParser:

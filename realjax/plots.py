@@ -116,7 +116,7 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of one metric; ``eval/pass@1`` averages the per-dataset ``eval/*/pass@1`` keys."""
     xs, ys = [], []
     for row in rows:
-        if key == "eval/pass@1":
+        if key == "eval/pass@1" and key not in row:  # older rows: average the per-dataset values
             vals = [v for k, v in row.items() if k.startswith("eval/") and k.endswith("/pass@1")]
             val = float(np.mean(vals)) if vals else None
         else:

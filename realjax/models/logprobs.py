@@ -26,9 +26,6 @@ def token_logprobs(model, h_BTD, targets_BT, *, temperature: float = 1.0, chunk_
     B, T, D = h_BTD.shape
     c = max(1, min(T, chunk_tokens // max(B, 1)))
     n = -(-T // c)
-    pad = n * c - T
-    h_NBcD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)
-    t_NBc = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)
     w_DV = model.unembedding().astype(model.cfg.dtype)
     inv_temp = 1.0 / temperature
 
@@ -44,9 +41,11 @@ def token_logprobs(model, h_BTD, targets_BT, *, temperature: float = 1.0, chunk_
     if n == 1:
         # One chunk: keep its logits for the backward pass rather than recompute them (one [B*T, D] x
         # [D, V] matmul less; the logits then stay alive through the blocks' backward pass).
-        logp, entropy = chunk(h_BTD, targets_BT)
-        return logp, entropy
+        return chunk(h_BTD, targets_BT)
     # Several chunks: keep only each chunk's inputs for the backward pass, never its logits.
+    pad = n * c - T
+    h_NBcD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)
+    t_NBc = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)
     logp_NBc, ent_NBc = jax.lax.map(lambda xs: jax.checkpoint(chunk)(*xs), (h_NBcD, t_NBc))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :T]
     return unchunk(logp_NBc), unchunk(ent_NBc)

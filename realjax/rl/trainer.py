@@ -38,7 +38,7 @@ from realjax.models import (from_pretrained, init_model, load_tokenizer, preset,
 from realjax.models.config import resolve_dtype
 from realjax.rl import components
 from realjax.rl.rollout import RolloutCollector, Rollouts
-from realjax.rl.update import make_optimizer, make_scoring_fn, make_update_step
+from realjax.rl.update import make_scoring_fn, make_update_step
 from realjax.sampling import Sampler, SamplingConfig
 
 
@@ -90,25 +90,20 @@ class Trainer:
                                    process_count=jax.process_count())
 
     def _build_learner(self):
-        cfg, o = self.cfg, self.cfg.optim
-        updates = cfg.trainer.steps * o.mini_batches
-        self.optimizer = make_optimizer(o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2,
-                                        eps=o.eps, schedule=o.schedule, warmup_updates=o.warmup_steps * o.mini_batches,
-                                        total_updates=updates)
+        cfg = self.cfg
+        self.optimizer = components.make_run_optimizer(cfg)
         abstract_opt = jax.eval_shape(self.optimizer.init, self.params)
         opt_shardings = _opt_shardings(abstract_opt, self.param_shardings, self.mesh)
         self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.params)
         hparams = cfg.loss.hparams()
-        self.use_ref = cfg.loss.name == "grpo" and hparams.get("kl_coef", 0.0) > 0
+        self.use_ref = components.uses_reference(cfg)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if self.use_ref else None
         kw = dict(temperature=cfg.rollout.temperature, chunk_tokens=cfg.model.logprob_chunk_tokens)
         self.update = make_update_step(self.graphdef, self.optimizer, get_loss(cfg.loss.name), hparams,
                                        group_size=cfg.rollout.group_size, use_ref=self.use_ref,
                                        shardings=(self.param_shardings, opt_shardings), **kw)
         self.score = make_scoring_fn(self.graphdef, **kw)
-        recompute = cfg.rollout.old_logp == "recompute" or (
-            cfg.rollout.old_logp == "auto" and self.model_cfg.dtype != "float32")
-        self.recompute_old_logp = recompute
+        self.recompute_old_logp = components.recomputes_old_logp(cfg, self.model_cfg.dtype)
 
     def _build_rollout(self):
         cfg, r = self.cfg, self.cfg.rollout
@@ -203,7 +198,7 @@ class Trainer:
         """Recompute old log-probs when configured (or, to measure the mismatch, now and then); reference
         log-probs for GRPO's KL term."""
         cfg, metrics = self.cfg, {}
-        chunks = cfg.optim.mini_batches * cfg.optim.micro_batches
+        chunks = components.scoring_chunks(cfg)
         check = cfg.trainer.logp_check_every and step % cfg.trainer.logp_check_every == 0
         if self.recompute_old_logp or check:
             logp, _ = self.score(self.params, self._chunked(arrays, chunks))
@@ -244,7 +239,7 @@ class Trainer:
         t0 = time.perf_counter()
         model = nnx.merge(self.graphdef, self._rollout_view(self.params))
         e = self.cfg.eval
-        per_call = e.prompts_per_call or self.cfg.rollout.prompts_per_call or 8
+        per_call = components.eval_prompts_per_call(self.cfg)
         # The same seed at every evaluation: the curve compares policies on the same random draws.
         result = evaluate(model, self.tokenizer, self.eval_data, sampling=self.eval_sampler, n=e.n,
                           seed=self.cfg.seed + 1, prompts_per_batch=per_call, verifier=self.verifier)

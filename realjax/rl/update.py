@@ -12,7 +12,6 @@ non-finite loss or gradient leaves parameters and optimizer state untouched and 
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import optax
