@@ -25,7 +25,9 @@ With ``data.eval`` set, the evaluation sampler's two programs (``eval.n`` sample
 Time is bounded below per program by ``flops / peak FLOP/s`` (compute) and by reading every argument
 once at HBM bandwidth (weights and KV cache: what bounds decoding). XLA counts a ``while_loop`` body
 once, so the decode program's numbers are one decode step; the RL-step bound assumes every row runs
-the full budget. XLA's own "bytes accessed" is kept in the JSON; it counts whole-buffer traffic of
+the full budget. The sampler decodes in cache windows (``SamplingConfig.window_tokens``), one program
+each: every window is compiled, and the ``decode`` row merges them (the largest peak; FLOPs and bytes
+read averaged over the steps), a step reading the KV cache only up to its window. XLA's own "bytes accessed" is kept in the JSON; it counts whole-buffer traffic of
 in-place cache updates, so it overstates decoding several times.
 """
 
@@ -237,6 +239,12 @@ class Program:
     bytes_accessed: float = 0.0  # per chip, one run
     compile_s: float = 0.0
     error: str = ""  # RESOURCE_EXHAUSTED text when XLA cannot fit it
+    unread_bytes: float = 0.0  # per chip, one run: argument bytes it never reads (cache beyond its window)
+
+    @property
+    def read_bytes(self) -> float:
+        """What one run must read at least once: its arguments, less what it provably skips."""
+        return self.memory.get("argument", 0) - self.unread_bytes
 
     @property
     def peak(self) -> int:
@@ -419,16 +427,39 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
     prefill = Program(prefix + "prefill", calls, f"{prompts} prompts x {tp} tok -> {prompts * group} rows", resident)
-    decode = Program(prefix + "decode", calls * N, f"{prompts * group} rows x 1 tok, cache {tp + N}", resident)
     compiled = _compile(prefill, lambda: sampler._prefill.lower(st.graphdef, st.rollout_params, ids, ids, key, group),
                         log)
     if compiled is None:
+        decode = Program(prefix + "decode", calls * N, f"{prompts * group} rows x 1 tok, cache {tp + N}", resident)
         decode.error = "not compiled: its prefill does not fit"
         return [prefill, decode]
     # The decode state is what prefill returns (shapes and shardings; XLA's layouts left to it).
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info)
-    _compile(decode, lambda: sampler._decode.lower(st.graphdef, st.rollout_params, state), log)
+    cache_bytes, S = _bytes_per_chip((state.cache.k, state.cache.v)), state.cache.length
+    windows, parts, start = sampler.windows(state), [], tp
+    for w in windows:  # the steps that write slots [start, w) run in the program for window w
+        part = Program(prefix + "decode", w - start, f"window {w}", resident,
+                       unread_bytes=cache_bytes * (1 - w / S))
+        _compile(part, lambda w=w: sampler._decode.lower(st.graphdef, st.rollout_params,
+                                                        sampler.with_window(state, w)), log)
+        parts.append(part)
+        start = w
+    decode = _merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {S}"
+                    + (f", {len(windows)} windows" if len(windows) > 1 else ""), parts)
+    decode.runs *= calls  # the parts counted one call's steps
     return [prefill, decode]
+
+
+def _merge(name: str, shape: str, parts: list[Program]) -> Program:
+    """One row for programs that run in sequence (decode windows): memory of the largest, per-run FLOPs
+    and bytes averaged over the runs, so that runs x per-run stays each total."""
+    runs = sum(p.runs for p in parts)
+    mean = lambda f: sum(f(p) * p.runs for p in parts) / max(runs, 1)
+    worst = max(parts, key=lambda p: (bool(p.error), p.peak))
+    return Program(name, runs, shape, worst.resident_bytes, memory=dict(worst.memory),
+                   flops=mean(lambda p: p.flops), bytes_accessed=mean(lambda p: p.bytes_accessed),
+                   compile_s=sum(p.compile_s for p in parts), error=worst.error,
+                   unread_bytes=mean(lambda p: p.unread_bytes))
 
 
 def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Program], state_bytes: dict) -> dict:
@@ -437,7 +468,7 @@ def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Prog
     flops = 0.0
     for p in programs:
         t_flops = p.flops / chip.peak_flops
-        t_hbm = p.memory.get("argument", 0) / chip.hbm_bandwidth  # weights (+ KV cache) read once
+        t_hbm = p.read_bytes / chip.hbm_bandwidth  # weights (+ KV cache up to the window) read once
         flops += p.flops * topo.chips * p.runs
         phase = phases["rollout" if p.name in ("prefill", "decode") else p.name] if p.runs else [0.0, 0.0]
         phase[0] += t_flops * p.runs
@@ -446,7 +477,8 @@ def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Prog
                        **{f"{k}_bytes": v for k, v in p.memory.items()},
                        "resident_bytes": p.resident_bytes, "total_bytes": p.total,
                        "fits": not p.error and p.total <= chip.hbm_bytes, "flops_per_chip": p.flops,
-                       "xla_bytes_accessed_per_chip": p.bytes_accessed, "time_flops_s": t_flops,
+                       "xla_bytes_accessed_per_chip": p.bytes_accessed, "read_bytes_per_chip": p.read_bytes,
+                       "time_flops_s": t_flops,
                        "time_hbm_s": t_hbm, "compile_s": round(p.compile_s, 2), "error": p.error}
     return {
         "topology": topo.name, "jax_topology": topo.jax_name, "chip": chip.name, "chips": topo.chips,
@@ -495,12 +527,12 @@ def format_report(rep: dict, config: str = "") -> str:
              f"the weights {_gib(st['rollout_params'])}, GRPO reference {_gib(st['ref_params'])}")
     columns = ("program", "runs", "one run", "args", "out", "temp", "code", "peak", "+resid", "total", "TFLOP/chip",
                "t_flops", "t_hbm")
-    row = "{:<12} {:>6}  {:<34} {:>6} {:>6} {:>6} {:>5} {:>6} {:>6} {:>6}  {:>10} {:>9} {:>9}"
+    row = "{:<12} {:>6}  {:<40} {:>6} {:>6} {:>6} {:>5} {:>6} {:>6} {:>6}  {:>10} {:>9} {:>9}"
     lines = [head, model, state, "", row.format(*columns)]
     for name, p in rep["programs"].items():
         if "argument_bytes" not in p:
             why = p["error"] or "not compiled"
-            lines.append(f"{name:<12} {p['runs_per_step']:>6}  {p['shape']:<34} DOES NOT FIT: {why}")
+            lines.append(f"{name:<12} {p['runs_per_step']:>6}  {p['shape']:<40} DOES NOT FIT: {why}")
             continue
         sizes = (_gib(p[k + "_bytes"]) for k in ("argument", "output", "temp", "generated_code", "peak", "resident",
                                                  "total"))
@@ -508,7 +540,8 @@ def format_report(rep: dict, config: str = "") -> str:
                                 _secs(p["time_flops_s"]), _secs(p["time_hbm_s"])) + ("" if p["fits"] else "  > HBM"))
     legend = ("GiB per chip; peak = XLA's args + out - donated + temp; +resid = buffers the trainer keeps alive "
               "beside the program; runs = per RL step (decode: steps x calls, every row to the full budget; eval_*: 0, "
-              "they must fit but run between steps).")
+              "they must fit but run between steps); t_hbm = reading the arguments once, the KV cache only up to "
+              "the decode window (decode: the worst window's memory, the steps' average time).")
     step = (f"RL step: {rep['flops'] / 1e15:.1f} PFLOP; lower bound {_secs(rep['step_time_lower_bound_s'])} at "
             f"peak FLOP/s; {_secs(rep['step_time_roofline_s'])} with every program at max(t_flops, t_hbm) "
             f"(rollout {_secs(ph['rollout'])}, scoring {_secs(ph['score'])}, updates {_secs(ph['update'])})")

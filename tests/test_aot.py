@@ -179,6 +179,37 @@ def test_compile_exit_1_when_it_does_not_fit(tiny_report, monkeypatch, capsys):
     assert "DOES NOT FIT" in text and "> HBM" in text and "update" in text
 
 
+@needs_libtpu
+def test_long_decode_keeps_one_cache_and_reads_it_by_windows(tmp_path):
+    """A shape where the KV cache dominates the decode program (2 layers, 2048 new tokens). The cache is
+    [B, K, S, H], the layout the attention dot reads, so the TPU compiler updates it in place: with
+    [B, S, K, H] it copied the whole cache into that layout around the loop (temp = the cache). The
+    budget runs in two windows, and a step of the first reads only its half of the cache."""
+    import contextlib
+    import io
+
+    from realjax.rl.components import DEMO_ASSET
+
+    arch = json.loads((DEMO_ASSET / "config.json").read_text())
+    arch.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, head_dim=128)
+    (tmp_path / "config.json").write_text(json.dumps(arch))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli_main(["compile", "--topology", "v5p-8", "--json", f"model.path={tmp_path}",
+                       "rollout.max_new_tokens=2048", "data.max_prompt_tokens=64", "rollout.prompts_per_step=16",
+                       "rollout.prompts_per_call=16", "optim.mini_batches=16", "data.eval="])
+    assert rc == 0
+    dec = json.loads(out.getvalue())["programs"]["decode"]
+    rows_per_chip, slots = 16 * 8 // 4, 64 + 2048
+    cache = 2 * 2 * rows_per_chip * slots * 2 * 128 * 4  # layers x (k, v) x [B, S, K, H] fp32, per chip
+    assert dec["argument_bytes"] > cache and dec["temp_bytes"] < 0.1 * cache
+    assert dec["output_bytes"] - dec["alias_bytes"] < 0.01 * cache  # the state comes back in its own buffers
+    assert ", 2 windows" in dec["shape"] and dec["runs_per_step"] == 2048
+    # Half the steps read the cache up to slot 64 + 1024 of 2112, the other half all of it.
+    unread = cache * (1 - (64 + 1024) / slots) / 2
+    assert dec["read_bytes_per_chip"] == pytest.approx(dec["argument_bytes"] - unread)
+
+
 @pytest.mark.slow
 @needs_libtpu
 @pytest.mark.parametrize("config, topology", [("r1_distill_qwen_1.5b_real", "v5p-8"),

@@ -10,7 +10,7 @@ from flax import nnx
 from realjax import sharding as shd
 from realjax.data import batch_prompts
 from realjax.models import KVCache, from_pretrained
-from realjax.sampling import Sampler, SamplingConfig, choose, truncate
+from realjax.sampling import Sampler, SamplingConfig, choose, decode_windows, truncate
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 
@@ -164,3 +164,40 @@ def test_bucketed_prompt_lengths_compile_once(tiny):
         ids, mask = batch_prompts([[5] * length, [6] * max(1, length - 1)], 0, buckets=(16, 32))
         sampler(graphdef, state, ids, mask, jax.random.key(i), group_size=2)
     assert sampler.trace_counts == {"prefill": 1, "decode": 1}
+
+
+def test_decode_windows_grow_to_the_whole_cache():
+    assert decode_windows(16, 10, 4) == (20, 24, 26)
+    assert decode_windows(1024, 8192, 1024) == tuple(1024 + 1024 * i for i in range(1, 9))
+    assert decode_windows(8, 5, 1024) == (13,)  # a budget within one window: one program, as before
+    with pytest.raises(ValueError, match="window_tokens"):
+        SamplingConfig(max_new_tokens=4, window_tokens=0)
+
+
+@pytest.mark.parametrize("temperature,stop", [(0.0, False), (1.0, False), (0.0, True)])
+def test_windowed_decode_equals_one_window(tiny, temperature, stop):
+    """Attending over a growing window of the cache changes nothing: the slots past it are unwritten."""
+    model, _ = tiny
+    stop_ids = ()
+    if stop:  # a stop token that ends some rows inside the second window
+        free, _ = _sample(model, SamplingConfig(max_new_tokens=11, temperature=0.0))
+        stop_ids = (int(free.tokens[0, 5]),)
+    whole, _ = _sample(model, SamplingConfig(max_new_tokens=11, temperature=temperature, stop_ids=stop_ids),
+                       group_size=2)
+    cfg = SamplingConfig(max_new_tokens=11, temperature=temperature, stop_ids=stop_ids, window_tokens=3)
+    windowed, _ = _sample(model, cfg, group_size=2)
+    np.testing.assert_array_equal(windowed.tokens, whole.tokens)
+    np.testing.assert_array_equal(windowed.lengths, whole.lengths)
+    np.testing.assert_allclose(windowed.logprobs, whole.logprobs, atol=1e-5)
+    if stop:
+        assert windowed.finished.any() and not windowed.finished.all()
+
+
+def test_each_window_is_one_compile(tiny):
+    model, _ = tiny
+    sampler = Sampler(SamplingConfig(max_new_tokens=10, temperature=1.0, window_tokens=4), pad_id=0)
+    graphdef, state = nnx.split(model)
+    for i in range(3):
+        ids, mask = batch_prompts(PROMPTS, 0, buckets=(8,))
+        sampler(graphdef, state, ids, mask, jax.random.key(i))
+    assert sampler.trace_counts == {"prefill": 1, "decode": 3}  # windows 12, 16, 18

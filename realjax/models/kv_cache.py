@@ -13,20 +13,26 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+# [B, K, S, H]: each kv head's keys are one contiguous [S, H] matrix, the layout the attention dot reads.
+# XLA cannot relayout a jitted program's arguments, so with [B, S, K, H] the TPU compiler copied the
+# whole cache into that layout on entry to the decode loop and back on exit (temp = the cache's size).
+CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # L x [B, S, K, H]
-    v: tuple[jax.Array, ...]  # L x [B, S, K, H]
+    k: tuple[jax.Array, ...]  # L x [B, K, S, H]
+    v: tuple[jax.Array, ...]  # L x [B, K, S, H]
     mask: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
     end: jax.Array  # int32 []: slots [0, end) have been written
+    # Static: attention reads slots [0, window) only (0 = the whole cache). Every write must land below
+    # it; the sampler raises it in steps as the rows grow, so early tokens don't stream the empty tail.
+    window: int = flax.struct.field(pytree_node=False, default=0)
 
     @classmethod
     def zeros(cls, cfg, batch: int, length: int, dtype=None) -> "KVCache":
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
         layers = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         return cls(k=layers, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                    mask=jnp.zeros((batch, length), bool), end=jnp.zeros((), jnp.int32))
@@ -46,6 +52,6 @@ class KVCache:
         from realjax.sharding import named
 
         kv = lambda x: named(CACHE_AXES, x.shape, mesh, rules)
-        return KVCache(k=tuple(map(kv, self.k)), v=tuple(map(kv, self.v)),
-                       mask=named(("batch", "cache_length"), self.mask.shape, mesh, rules),
-                       end=named((), (), mesh, rules))
+        return self.replace(k=tuple(map(kv, self.k)), v=tuple(map(kv, self.v)),
+                            mask=named(("batch", "cache_length"), self.mask.shape, mesh, rules),
+                            end=named((), (), mesh, rules))

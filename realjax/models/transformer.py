@@ -124,28 +124,31 @@ class Attention(nnx.Module):
         return apply_rope(q_BTNH, positions_BT, inv_freq_h), apply_rope(k_BTKH, positions_BT, inv_freq_h), v_BTKH
 
     def __call__(self, x_BTD, positions_BT, key_mask_BS, kv=None, end=None):
-        """Attend from the T new tokens; ``kv = (k_BSKH, v_BSKH)`` is this layer's cache, written at
+        """Attend from the T new tokens; ``kv = (k_BKSH, v_BKSH)`` is this layer's cache, written at
         slot ``end``. Returns the output and the updated ``(k, v)`` (None without a cache)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         B, T, _ = x_BTD.shape
         K, G, H = cfg.num_kv_heads, cfg.queries_per_kv, cfg.head_dim
         q_BTNH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
-        if kv is None:
-            k_BSKH, v_BSKH, q_slot_T, new_kv = k_BTKH, v_BTKH, jnp.arange(T), None
+        if kv is None:  # the keys are this sequence's: S = T
+            k_S, v_S, kv_spec, q_slot_T, new_kv = k_BTKH, v_BTKH, "BSKH", jnp.arange(T), None
         else:
-            start = (0, end, 0, 0)
-            k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), start)
-            v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
-            q_slot_T, new_kv = end + jnp.arange(T), (k_BSKH, v_BSKH)
-        S = k_BSKH.shape[1]
+            start = (0, 0, end, 0)
+            k_S = jax.lax.dynamic_update_slice(kv[0], k_BTKH.transpose(0, 2, 1, 3).astype(kv[0].dtype), start)
+            v_S = jax.lax.dynamic_update_slice(kv[1], v_BTKH.transpose(0, 2, 1, 3).astype(kv[1].dtype), start)
+            kv_spec, q_slot_T, new_kv = "BKSH", end + jnp.arange(T), (k_S, v_S)
+            # The key mask covers the cache's attention window [0, S): the slots written so far and
+            # soon. Reading only those is what keeps a long decode from streaming the whole cache.
+            k_S, v_S = k_S[:, :, :key_mask_BS.shape[1]], v_S[:, :, :key_mask_BS.shape[1]]
+        S = key_mask_BS.shape[1]
         visible_BTS = (jnp.arange(S)[None, :] <= q_slot_T[:, None])[None] & key_mask_BS[:, None, :]
         q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
         # Grouped-query attention without repeating K/V: the G query heads of a kv head share it.
-        logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(dt),
+        logits_BKGTS = jnp.einsum(f"BTKGH,{kv_spec}->BKGTS", q_BTKGH, k_S.astype(dt),
                                   preferred_element_type=jnp.float32) * (H ** -0.5)
         logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, _NEG)
         probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
-        out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH.astype(dt))
+        out_BTKGH = jnp.einsum(f"BKGTS,{kv_spec}->BTKGH", probs_BKGTS, v_S.astype(dt))
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTKGH.reshape(B, T, K * G, H), self.o[...].astype(dt))
         return out_BTD, new_kv
 
@@ -227,7 +230,8 @@ class Transformer(nnx.Module):
         if cache is None:
             key_mask_BS, end = mask_BT, None
         else:
-            key_mask_BS, end = jax.lax.dynamic_update_slice(cache.mask, mask_BT, (0, cache.end)), cache.end
+            full_mask_BS = jax.lax.dynamic_update_slice(cache.mask, mask_BT, (0, cache.end))
+            key_mask_BS, end = full_mask_BS[:, :cache.window or cache.length], cache.end
         call = _block_call
         if cfg.remat != "none":
             # A pure jax.checkpoint over (graphdef, state): nothing to write back, any trace level.
@@ -242,7 +246,7 @@ class Transformer(nnx.Module):
         h_BTD = self.final_norm(x_BTD)
         if cache is None:
             return h_BTD, None
-        return h_BTD, KVCache(k=tuple(ks), v=tuple(vs), mask=key_mask_BS, end=cache.end + T)
+        return h_BTD, cache.replace(k=tuple(ks), v=tuple(vs), mask=full_mask_BS, end=cache.end + T)
 
     def logits(self, h_BTD):
         """fp32 logits [B, T, V] (materialised: use ``realjax.models.token_logprobs`` at long T)."""

@@ -7,6 +7,9 @@ Two jitted programs over ``(graphdef, state, ...)``:
   paper's R = 8 pays for one prompt pass instead of eight), and the first token is drawn.
 * ``decode``: one token per step for all B = P * R rows inside ``lax.while_loop`` until every row has
   hit a stop id or N tokens. The decode state (cache included) is donated, so XLA updates it in place.
+  Attention reads the cache through a static window (``KVCache.window``) that grows with the rows:
+  ``decode`` runs once per window (``decode_windows``), each run a compiled program that stops when the
+  next write would leave its window. Prefill attends over the prompt slots only.
 
 Rows share a slot clock (see ``KVCache``); RoPE positions continue from each prompt's real length, so
 left padding is exact. Each row draws from its own key ``fold_in(fold_in(key, row), step)``: a row's
@@ -73,7 +76,23 @@ class Sampler:
     def __call__(self, graphdef, state, prompt_ids, prompt_mask, key, *, group_size: int = 1) -> SampleOutput:
         """Sample ``group_size`` rollouts for each left-padded prompt row ([P, Tp] ids and 0/1 mask)."""
         ds = self._prefill(graphdef, state, prompt_ids, prompt_mask, key, group_size)
-        return self.finish(self._decode(graphdef, state, ds))
+        return self.finish(self.decode(graphdef, state, ds))
+
+    def decode(self, graphdef, state, ds: DecodeState) -> DecodeState:
+        """Run the decode loop from ``prefill``'s state to the end, window by window. ``ds`` is donated.
+
+        No host sync between windows: a window whose rows are all done exits its loop at once."""
+        for window in self.windows(ds):
+            ds = self._decode(graphdef, state, self.with_window(ds, window))
+        return ds
+
+    def windows(self, ds: DecodeState) -> tuple[int, ...]:
+        """The cache windows ``decode`` runs through for this state's shapes."""
+        return decode_windows(ds.cache.length - ds.tokens_BN.shape[1], ds.tokens_BN.shape[1], self.cfg.window_tokens)
+
+    @staticmethod
+    def with_window(ds: DecodeState, window: int) -> DecodeState:
+        return ds.replace(cache=ds.cache.replace(window=int(window)))
 
     # -- the two programs ------------------------------------------------------------------------------
     def _prefill_fn(self, graphdef, state, ids_PT, mask_PT, key, group_size):
@@ -83,7 +102,8 @@ class Sampler:
         P, Tp = ids_PT.shape
         B, N = P * group_size, cfg.max_new_tokens
         with shd.use_rules(self.mesh, self.rules):
-            cache = self._constrain(KVCache.zeros(model.cfg, P, Tp + N))
+            # Prefill writes and reads the prompt slots only; decode widens the window.
+            cache = self._constrain(KVCache.zeros(model.cfg, P, Tp + N).replace(window=Tp))
             h_PTD, cache = model.hidden_states(ids_PT, mask_BT=mask_PT, cache=cache)
             logits_PV = model.logits(h_PTD[:, -1:])[:, 0]
             if group_size > 1:  # one prefill per prompt, shared by its rollouts
@@ -105,8 +125,10 @@ class Sampler:
         model = nnx.merge(graphdef, state)
         B = ds.last_B.shape[0]
 
-        def cond(ds):
-            return (ds.step < N) & ~jnp.all(ds.done_B)
+        window = ds.cache.window or ds.cache.length
+
+        def cond(ds):  # step s writes cache slot ``end``: it must fall inside the window
+            return (ds.step < N) & ~jnp.all(ds.done_B) & (ds.cache.end < window)
 
         def body(ds):
             with shd.use_rules(self.mesh, self.rules):
@@ -147,6 +169,13 @@ class Sampler:
         if self.mesh is None:
             return cache
         return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache.shardings(self.mesh, self.rules))
+
+
+def decode_windows(prompt_slots: int, max_new_tokens: int, window_tokens: int) -> tuple[int, ...]:
+    """Cache windows for a decode of ``max_new_tokens`` after ``prompt_slots``: the prompt plus
+    ``window_tokens``, ``2 * window_tokens``, ... up to the whole cache (the last one)."""
+    count = -(-max_new_tokens // window_tokens)
+    return tuple(prompt_slots + min(max_new_tokens, i * window_tokens) for i in range(1, count + 1))
 
 
 def replace_config(sampler: Sampler, **changes) -> Sampler:
