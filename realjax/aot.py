@@ -359,9 +359,9 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
     from realjax import sharding as shd
     from realjax.data import bucket_length
     from realjax.losses import get_loss
-    from realjax.rl.components import eval_prompts_per_call, recomputes_old_logp, scoring_chunks, uses_reference
+    from realjax.rl.components import (eval_prompts_per_call, recomputes_old_logp, sampling_configs, scoring_chunks,
+                                       uses_reference)
     from realjax.rl.update import make_scoring_fn, make_update_step
-    from realjax.sampling import SamplingConfig
 
     topo = parse_topology(topology)
     mesh = shd.make_mesh(cfg.mesh, topology_devices(topo))
@@ -379,15 +379,12 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
     # The training weights (when the rollout copy is separate), Adam moments and GRPO's reference stay.
     resident = (b["params"] if b["rollout_params"] else 0) + b["opt_state"] + b["ref_params"]
     per_call = r.prompts_per_call or r.prompts_per_step
-    sampling = SamplingConfig(max_new_tokens=N, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              stop_ids=stops)
+    sampling, eval_sampling = sampling_configs(cfg, stops)
     programs = _sampler_programs("", sampling, st, mesh, per_call, tp, G, r.prompts_per_step // per_call, resident,
                                  log)
     if cfg.data.eval:
-        sampling = SamplingConfig(max_new_tokens=e.max_new_tokens or N, temperature=e.temperature, top_p=e.top_p,
-                                  top_k=e.top_k, stop_ids=stops)
         eval_call = eval_prompts_per_call(cfg)
-        programs += _sampler_programs("eval_", sampling, st, mesh, eval_call, tp, e.n, 0, resident, log)
+        programs += _sampler_programs("eval_", eval_sampling, st, mesh, eval_call, tp, e.n, 0, resident, log)
 
     # -- learner: old / reference log-probs over the whole batch, then one update per mini-batch -------
     kw = dict(temperature=r.temperature, chunk_tokens=cfg.model.logprob_chunk_tokens)

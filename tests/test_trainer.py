@@ -179,11 +179,23 @@ def test_repeated_non_finite_updates_abort_with_params_unchanged(tmp_path):
     (["optim.mini_batches=3"], "optim.mini_batches=3 must divide rollout.prompts_per_step=16"),
     (["model.dtype=float33"], "model.dtype"),
     (["steps"], "override 'steps' is not key=value"),
+    (["rollout.window_tokens=0"], "rollout.window_tokens must be >= 1, got 0"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(demo_config_path(), overrides)
     assert message in str(e.value)
+
+
+def test_rollout_and_eval_samplers_take_the_config(tmp_path):
+    from realjax.rl.components import sampling_configs
+
+    cfg = load_config(demo_config_path(), ["rollout.window_tokens=64", "rollout.top_p=0.9", "eval.max_new_tokens=0",
+                                           "eval.temperature=0.3"])
+    rollout, evaluation = sampling_configs(cfg, (7,))
+    assert (rollout.window_tokens, rollout.top_p, rollout.stop_ids) == (64, 0.9, (7,))
+    assert (evaluation.window_tokens, evaluation.temperature) == (64, 0.3)
+    assert evaluation.max_new_tokens == rollout.max_new_tokens == cfg.rollout.max_new_tokens
 
 
 def test_cli_config_error_is_one_line(tmp_path):

@@ -81,6 +81,18 @@ def eval_prompts_per_call(cfg: Config) -> int:
     return cfg.eval.prompts_per_call or cfg.rollout.prompts_per_call or 8
 
 
+def sampling_configs(cfg: Config, stop_ids: tuple[int, ...]):
+    """The rollout's and the evaluation's ``SamplingConfig``."""
+    from realjax.sampling import SamplingConfig
+
+    r, e = cfg.rollout, cfg.eval
+    rollout = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                             top_k=r.top_k, stop_ids=stop_ids, window_tokens=r.window_tokens)
+    evaluation = SamplingConfig(max_new_tokens=e.max_new_tokens or r.max_new_tokens, temperature=e.temperature,
+                                top_p=e.top_p, top_k=e.top_k, stop_ids=stop_ids, window_tokens=r.window_tokens)
+    return rollout, evaluation
+
+
 def build_reward_fn(cfg: Config):
     """(reward_fn(completions, rows) -> list[float], eval verifier(completions, ground_truths), close)."""
     from realjax.rewards import VerifierPool, load_reward_fn

@@ -39,7 +39,7 @@ from realjax.models.config import resolve_dtype
 from realjax.rl import components
 from realjax.rl.rollout import RolloutCollector, Rollouts
 from realjax.rl.update import make_scoring_fn, make_update_step
-from realjax.sampling import Sampler, SamplingConfig
+from realjax.sampling import Sampler
 
 
 class TrainingDiverged(RuntimeError):
@@ -110,14 +110,10 @@ class Trainer:
         stops = (stop_token_ids(self.model_path, self.tokenizer) if self.model_path else
                  (self.tokenizer.eos_token_id,))
         self.reward_fn, self.verifier, self.pool = components.build_reward_fn(cfg)
-        sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                  top_k=r.top_k, stop_ids=stops)
+        sampling, self.eval_sampling = components.sampling_configs(cfg, stops)
         self.sampler = Sampler(sampling, pad_id=self.tokenizer.pad_token_id, mesh=self.mesh, rules=shd.ROLLOUT_RULES)
         self.collector = RolloutCollector(self.sampler, self.tokenizer, self.reward_fn, group_size=r.group_size,
                                           prompts_per_call=r.prompts_per_call, mesh=self.mesh)
-        e = cfg.eval
-        self.eval_sampling = SamplingConfig(max_new_tokens=e.max_new_tokens or r.max_new_tokens,
-                                            temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, stop_ids=stops)
         self.eval_sampler = Sampler(self.eval_sampling, pad_id=self.tokenizer.pad_token_id, mesh=self.mesh,
                                     rules=shd.ROLLOUT_RULES)
 
