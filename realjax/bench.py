@@ -496,14 +496,19 @@ def matmul_rate(n: int, repeats: int = 10, dtype: str = "bfloat16", chain: int =
 def bench_gpu(cfg, *, prompt: int, new: int, tokens: int, seq: int, copy_mb: float, matmul_n: int,
               repeats: int, remat: str = "full") -> dict:
     res = {"config": f"{cfg.family} L={cfg.num_layers} D={cfg.hidden_size} V={cfg.vocab_size}"}
+    # Each part's result is printed as it lands: a device session that runs out of time keeps those.
     res["copy_bandwidth_gb_s"] = bw = copy_bandwidth(copy_mb, repeats)
+    print(f"bench gpu: copy bandwidth {bw:.0f} GB/s", file=sys.stderr, flush=True)
     res["matmul_tflop_s"] = rate = matmul_rate(matmul_n, repeats) / 1e12
+    print(f"bench gpu: bf16 matmul {rate:.0f} TFLOP/s", file=sys.stderr, flush=True)
     dec_cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
     dec = bench_sampler(dec_cfg, batch=1, prompt=prompt, new=new, repeats=repeats, baseline=False, bandwidth_mb=0)
     roofline = bw * 1e9 / decode_bytes_per_step(dec_cfg, 1, prompt + new / 2)
     res.update(decode_tok_s=dec["realjax_decode_tok_s"], decode_step_ms=dec["decode_step_ms"],
                decode_roofline_tok_s=roofline, decode_fraction=dec["realjax_decode_tok_s"] / roofline,
                decode_compile_s=dec["compile_s"])
+    print(f"bench gpu: decode {res['decode_step_ms']:.2f} ms/token, {res['decode_fraction']:.0%} of the roofline",
+          file=sys.stderr, flush=True)
     learn_cfg = cfg.replace(dtype="bfloat16", param_dtype="float32", remat=remat)
     rows, prompt_len = max(tokens // seq, 2), seq // 4
     upd = bench_update(learn_cfg, rows=rows, prompt=prompt_len, response=seq - prompt_len, group_size=rows,
