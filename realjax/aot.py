@@ -27,8 +27,9 @@ once at HBM bandwidth (weights and KV cache: what bounds decoding). XLA counts a
 once, so the decode program's numbers are one decode step; the RL-step bound assumes every row runs
 the full budget. The sampler decodes in cache windows (``SamplingConfig.window_tokens``), one program
 each: every window is compiled, and the ``decode`` row merges them (the largest peak; FLOPs and bytes
-read averaged over the steps), a step reading the KV cache only up to its window. XLA's own "bytes accessed" is kept in the JSON; it counts whole-buffer traffic of
-in-place cache updates, so it overstates decoding several times.
+read averaged over the steps), a step reading the KV cache only up to its window. XLA's own "bytes
+accessed" is kept in the JSON; it counts whole-buffer traffic of in-place cache updates, so it
+overstates decoding several times.
 """
 
 from __future__ import annotations

@@ -41,6 +41,11 @@ class KVCache:
     def length(self) -> int:
         return self.mask.shape[1]
 
+    @property
+    def span(self) -> int:
+        """How many slots attention reads: ``window``, or the whole cache when it is 0."""
+        return self.window or self.length
+
     def repeat_rows(self, n: int) -> "KVCache":
         """Each row repeated ``n`` times in place (``[a, b] -> [a, a, b, b]``): one prefilled prompt feeds
         the n rollouts of its group."""

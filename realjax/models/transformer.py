@@ -130,17 +130,16 @@ class Attention(nnx.Module):
         B, T, _ = x_BTD.shape
         K, G, H = cfg.num_kv_heads, cfg.queries_per_kv, cfg.head_dim
         q_BTNH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
-        if kv is None:  # the keys are this sequence's: S = T
+        S = key_mask_BS.shape[1]  # without a cache S = T; with one, the cache's window (KVCache.span)
+        if kv is None:
             k_S, v_S, kv_spec, q_slot_T, new_kv = k_BTKH, v_BTKH, "BSKH", jnp.arange(T), None
         else:
             start = (0, 0, end, 0)
             k_S = jax.lax.dynamic_update_slice(kv[0], k_BTKH.transpose(0, 2, 1, 3).astype(kv[0].dtype), start)
             v_S = jax.lax.dynamic_update_slice(kv[1], v_BTKH.transpose(0, 2, 1, 3).astype(kv[1].dtype), start)
             kv_spec, q_slot_T, new_kv = "BKSH", end + jnp.arange(T), (k_S, v_S)
-            # The key mask covers the cache's attention window [0, S): the slots written so far and
-            # soon. Reading only those is what keeps a long decode from streaming the whole cache.
-            k_S, v_S = k_S[:, :, :key_mask_BS.shape[1]], v_S[:, :, :key_mask_BS.shape[1]]
-        S = key_mask_BS.shape[1]
+            # Read slots [0, S) only: a long decode then never streams the cache's unwritten tail.
+            k_S, v_S = k_S[:, :, :S], v_S[:, :, :S]
         visible_BTS = (jnp.arange(S)[None, :] <= q_slot_T[:, None])[None] & key_mask_BS[:, None, :]
         q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
         # Grouped-query attention without repeating K/V: the G query heads of a kv head share it.
@@ -231,7 +230,7 @@ class Transformer(nnx.Module):
             key_mask_BS, end = mask_BT, None
         else:
             full_mask_BS = jax.lax.dynamic_update_slice(cache.mask, mask_BT, (0, cache.end))
-            key_mask_BS, end = full_mask_BS[:, :cache.window or cache.length], cache.end
+            key_mask_BS, end = full_mask_BS[:, :cache.span], cache.end
         call = _block_call
         if cfg.remat != "none":
             # A pure jax.checkpoint over (graphdef, state): nothing to write back, any trace level.

@@ -125,7 +125,7 @@ class Sampler:
         model = nnx.merge(graphdef, state)
         B = ds.last_B.shape[0]
 
-        window = ds.cache.window or ds.cache.length
+        window = ds.cache.span
 
         def cond(ds):  # step s writes cache slot ``end``: it must fall inside the window
             return (ds.step < N) & ~jnp.all(ds.done_B) & (ds.cache.end < window)
