@@ -7,6 +7,7 @@ Axis-letter legend, used in every einsum, shape comment and shape-suffixed local
     G queries per kv head  H head dim                  F MLP hidden width
     V vocabulary           L layers
     P prompt groups        R rollouts per prompt (the paper's G; ``B = P * R`` in the losses)
+    Q prompt tokens        A response (answer) tokens  M micro-batches or scoring chunks (``[M, B, ...]``)
 """
 
 __version__ = "0.1.0"

@@ -290,65 +290,42 @@ def _compile(program: Program, lower, log) -> Any:
     return compiled
 
 
-def _update_batch(mesh, micro: int, rows: int, tp: int, n: int, with_ref: bool):
-    """The abstract ``[micro, rows, ...]`` batch of ``make_update_step`` / ``make_scoring_fn``."""
-    import jax
-    import jax.numpy as jnp
-
-    from realjax import sharding as shd
-
-    shapes = {"prompt_ids": ((tp,), jnp.int32), "prompt_mask": ((tp,), jnp.int32), "tokens": ((n,), jnp.int32),
-              "resp_mask": ((n,), jnp.float32), "loss_mask": ((n,), jnp.float32),
-              "old_logp": ((n,), jnp.float32), "rewards": ((), jnp.float32)}
-    if with_ref:
-        shapes["ref_logp"] = ((n,), jnp.float32)
-    out = {}
-    for key, (tail, dtype) in shapes.items():
-        shape = (micro, rows) + tail
-        out[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=shd.batch_sharding(mesh, shape, shd.TRAIN_RULES, axis=1))
-    return out
-
-
 @dataclasses.dataclass
 class _State:
     """The run's device state, abstract: weights in both layouts, Adam moments, and their sizes per chip."""
 
     graphdef: Any
-    params: Any  # TRAIN_RULES
+    plan: Any  # the run plan Trainer would build on this mesh
+    state: Any  # TrainState of ShapeDtypeStructs (TRAIN_RULES)
     rollout_params: Any  # ROLLOUT_RULES
-    opt_state: Any
-    optimizer: Any
-    shardings: tuple  # (params, opt_state) shardings, as the trainer keeps them
     bytes: dict[str, int]  # per chip: params, opt_state, rollout_params (0: same buffers), ref_params
 
 
-def _abstract_state(cfg, mcfg, mesh, use_ref: bool) -> _State:
-    """Weights, optimizer and shardings exactly as ``Trainer`` builds them, with nothing allocated."""
+def _abstract_state(cfg, mcfg, mesh, stops) -> _State:
+    """Weights, optimizer and shardings exactly as ``Trainer`` builds them (its run plan), nothing allocated."""
     import jax
 
-    from realjax import sharding as shd
     from realjax.models import abstract_model
-    from realjax.rl.components import make_run_optimizer
-    from realjax.rl.trainer import _opt_shardings, _rollout_view_fn
+    from realjax.rl.batch import TrainState
+    from realjax.rl.plan import make_plan
 
     graphdef, abstract = abstract_model(mcfg)
-    train_sh = shd.state_shardings(abstract, mesh, shd.TRAIN_RULES)
-    params = _abstract(abstract, train_sh)
+    plan = make_plan(cfg, mesh, compute_dtype=mcfg.dtype, abstract_params=abstract, stop_ids=stops)
+    sh = plan.state_shardings
+    params = _abstract(abstract, sh.params)
+    opt_state = _abstract(jax.eval_shape(plan.optimizer.init, abstract), sh.opt_state)
     # Rollouts read the trainer's rollout view of the weights (its layout and dtype, from the same function).
-    rollout_params = jax.eval_shape(_rollout_view_fn(mcfg, shd.state_shardings(abstract, mesh, shd.ROLLOUT_RULES)),
-                                    params)
-    optimizer = make_run_optimizer(cfg)
-    abstract_opt = jax.eval_shape(optimizer.init, abstract)
-    opt_sh = _opt_shardings(abstract_opt, train_sh, mesh)
-    opt_state = _abstract(abstract_opt, opt_sh)
+    rollout_params = jax.eval_shape(plan.rollout_view, params)
     # The rollout view lives beside the training weights during rollouts; when layout and dtype agree it
     # is the same buffers.
     same = all(a.sharding.spec == b.sharding.spec and a.dtype == b.dtype
                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(rollout_params)))
     b_params = _bytes_per_chip(params)
     sizes = dict(params=b_params, opt_state=_bytes_per_chip(opt_state),
-                 rollout_params=0 if same else _bytes_per_chip(rollout_params), ref_params=b_params if use_ref else 0)
-    return _State(graphdef, params, rollout_params, opt_state, optimizer, (train_sh, opt_sh), sizes)
+                 rollout_params=0 if same else _bytes_per_chip(rollout_params),
+                 ref_params=b_params if plan.use_ref else 0)
+    state = TrainState(params, opt_state, params if plan.use_ref else None)
+    return _State(graphdef, plan, state, rollout_params, sizes)
 
 
 def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
@@ -359,51 +336,42 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
     """
     from realjax import sharding as shd
     from realjax.data import bucket_length
-    from realjax.losses import get_loss
-    from realjax.rl.components import (eval_prompts_per_call, recomputes_old_logp, sampling_configs, scoring_chunks,
-                                       uses_reference)
-    from realjax.rl.update import make_scoring_fn, make_update_step
+    from realjax.rl.batch import UpdateBatch
 
     topo = parse_topology(topology)
     mesh = shd.make_mesh(cfg.mesh, topology_devices(topo))
     mcfg, source = model_config(cfg)
     r, o, e = cfg.rollout, cfg.optim, cfg.eval
     G, tp, N = r.group_size, bucket_length(cfg.data.max_prompt_tokens), r.max_new_tokens
-    hparams = cfg.loss.hparams()
-    use_ref, recompute = uses_reference(cfg), recomputes_old_logp(cfg, mcfg.dtype)
-    st = _abstract_state(cfg, mcfg, mesh, use_ref)
-    b = st.bytes
-
-    # -- rollout: the sampler's prefill and decode (and the evaluation sampler's) --------------------
     eos = mcfg.eos_token_id if mcfg.eos_token_id is not None else 0
     stops = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    st = _abstract_state(cfg, mcfg, mesh, stops)
+    plan, b = st.plan, st.bytes
+
+    # -- rollout: the sampler's prefill and decode (and the evaluation sampler's) --------------------
     # The training weights (when the rollout copy is separate), Adam moments and GRPO's reference stay.
     resident = (b["params"] if b["rollout_params"] else 0) + b["opt_state"] + b["ref_params"]
     per_call = r.prompts_per_call or r.prompts_per_step
-    sampling, eval_sampling = sampling_configs(cfg, stops)
-    programs = _sampler_programs("", sampling, st, mesh, per_call, tp, G, r.prompts_per_step // per_call, resident,
-                                 log)
+    programs = _sampler_programs("", plan.sampling, st, mesh, per_call, tp, G, r.prompts_per_step // per_call,
+                                 resident, log)
     if cfg.data.eval:
-        eval_call = eval_prompts_per_call(cfg)
-        programs += _sampler_programs("eval_", eval_sampling, st, mesh, eval_call, tp, e.n, 0, resident, log)
+        programs += _sampler_programs("eval_", plan.eval_sampling, st, mesh, plan.eval_prompts_per_call, tp, e.n, 0,
+                                      resident, log)
 
     # -- learner: old / reference log-probs over the whole batch, then one update per mini-batch -------
-    kw = dict(temperature=r.temperature, chunk_tokens=cfg.model.logprob_chunk_tokens)
-    rows = r.prompts_per_step * G
-    if recompute or use_ref:
-        chunks = scoring_chunks(cfg)
-        score = Program("score", int(recompute) + int(use_ref), f"{chunks} x {rows // chunks} rows x {tp}+{N} tok",
-                        b["opt_state"] + b["ref_params"])
-        batch = _update_batch(mesh, chunks, rows // chunks, tp, N, with_ref=False)
-        _compile(score, lambda: make_scoring_fn(st.graphdef, **kw).lower(st.params, batch), log)
+    rows = plan.rows_per_step
+    if plan.recompute_old_logp or plan.use_ref:
+        chunks = plan.scoring_chunks
+        score = Program("score", int(plan.recompute_old_logp) + int(plan.use_ref),
+                        f"{chunks} x {rows // chunks} rows x {tp}+{N} tok", b["opt_state"] + b["ref_params"])
+        batch = UpdateBatch.spec((chunks, rows // chunks), tp, N, with_ref=False, sharding=plan.batch_sharding)
+        _compile(score, lambda: plan.scoring_fn(st.graphdef).lower(st.state.params, batch), log)
         programs.append(score)
-    step = make_update_step(st.graphdef, st.optimizer, get_loss(cfg.loss.name), hparams, group_size=G,
-                            use_ref=use_ref, shardings=st.shardings, **kw)
-    micro_rows = rows // o.mini_batches // o.micro_batches
+    micro_rows = plan.rows_per_micro_batch
     update = Program("update", o.mini_batches, f"{o.micro_batches} x {micro_rows} rows x {tp}+{N} tok",
                      b["ref_params"])
-    batch = _update_batch(mesh, o.micro_batches, micro_rows, tp, N, with_ref=use_ref)
-    _compile(update, lambda: step.lower(st.params, st.opt_state, batch), log)
+    batch = UpdateBatch.spec((o.micro_batches, micro_rows), tp, N, with_ref=plan.use_ref, sharding=plan.batch_sharding)
+    _compile(update, lambda: plan.update_step(st.graphdef).lower(st.state, batch), log)
     programs.append(update)
     return _summarise(cfg, topo, mesh, mcfg, source, programs, b)
 

@@ -315,7 +315,6 @@ def update_batch(cfg, *, rows: int, prompt: int, response: int, group_size: int,
             "prompt_mask": np.ones((rows, prompt), np.int32),
             "tokens": rng.integers(0, cfg.vocab_size, (rows, response)).astype(np.int32),
             "resp_mask": np.ones((rows, response), np.float32),
-            "loss_mask": np.ones((rows, response), np.float32),
             "old_logp": (-math.log(cfg.vocab_size) + 0.05 * rng.standard_normal((rows, response))).astype(np.float32),
             "rewards": (np.arange(rows) % group_size % 2 == 0).astype(np.float32)}
 
@@ -344,9 +343,11 @@ def bench_update(cfg, *, rows: int, prompt: int, response: int, group_size: int,
     import jax.numpy as jnp
     from flax import nnx
 
-    from realjax.losses import real_loss
+    from realjax import sharding as shd
+    from realjax.config import Config, LossSection, OptimSection, RolloutSection, TrainerSection
     from realjax.models import init_model
-    from realjax.rl.update import make_optimizer, make_update_step
+    from realjax.rl.batch import UpdateBatch
+    from realjax.rl.plan import make_plan
 
     model = init_model(cfg, seed=0)
     batch = update_batch(cfg, rows=rows, prompt=prompt, response=response, group_size=group_size)
@@ -354,19 +355,26 @@ def bench_update(cfg, *, rows: int, prompt: int, response: int, group_size: int,
         calls = {}
         if baseline:  # first: the realjax step donates (so consumes) the weights the torch copy is made of
             calls["baseline"] = _torch_update(stack.enter_context(hf_copy(model)), batch, group_size=group_size, lr=lr)
-        optimizer = make_optimizer(lr, weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8,
-                                   schedule="constant", warmup_updates=0, total_updates=repeats + 1)
+        # The trainer's own update program, from a run plan: REAL (tau 0.5), one update of one micro-batch.
+        run = Config(loss=LossSection(name="real", tau=0.5), trainer=TrainerSection(steps=repeats + 1),
+                     rollout=RolloutSection(group_size=group_size, prompts_per_step=rows // group_size,
+                                            temperature=1.0, max_new_tokens=response),
+                     optim=OptimSection(lr=lr, mini_batches=1, micro_batches=1))
         graphdef, params = nnx.split(model)
-        step = make_update_step(graphdef, optimizer, real_loss, {"tau": 0.5}, group_size=group_size,
-                                temperature=1.0, chunk_tokens=4096)
-        carry = [params, optimizer.init(params)]
-        batch_j = {k: jnp.asarray(v)[None] for k, v in batch.items()}  # one micro-batch
+        plan = make_plan(run, shd.make_mesh(None, jax.devices()[:1]), compute_dtype=cfg.dtype, abstract_params=params,
+                         stop_ids=(0,))
+        step = plan.update_step(graphdef)
+        carry = [plan.init_state(params)]
+        batch_j = jax.tree.map(lambda x: jnp.asarray(x)[None], UpdateBatch(  # one micro-batch
+            prompt_ids_BQ=batch["prompt_ids"], prompt_mask_BQ=batch["prompt_mask"], tokens_BA=batch["tokens"],
+            resp_mask_BA=batch["resp_mask"], row_mask_B=np.ones(rows, np.float32), old_logp_BA=batch["old_logp"],
+            rewards_B=batch["rewards"]))
         compile_s = compile_seconds(step, *carry, batch_j)
 
         def realjax_call():
             t0 = time.perf_counter()
-            carry[0], carry[1], metrics = step(carry[0], carry[1], batch_j)
-            loss = float(jax.block_until_ready(metrics["loss"]))
+            carry[0], metrics = step(carry[0], batch_j)
+            loss = float(jax.block_until_ready(metrics["loss"].value))
             return {"s": time.perf_counter() - t0, "loss": loss}
 
         calls = {"realjax": realjax_call, **calls}
@@ -415,7 +423,7 @@ def _torch_update(hf, batch: dict, *, group_size: int, lr: float):
         # logits only where response tokens are predicted: the last N of the Tp + N - 1 positions
         logits = hf(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=N).logits
         logp = torch.log_softmax(logits.float(), -1).gather(-1, targets)[..., 0]
-        loss = torch_real_loss(logp, b["old_logp"], b["loss_mask"], b["rewards"], group_size=group_size, tau=0.5)
+        loss = torch_real_loss(logp, b["old_logp"], b["resp_mask"], b["rewards"], group_size=group_size, tau=0.5)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)

@@ -21,11 +21,12 @@ def train(args) -> int:
     from realjax.data import DataError
     from realjax.rl import TrainingDiverged
     from realjax.rl.trainer import Trainer
+    from realjax.sharding import ShardingError
 
     try:
         cfg = load_config(args.config or demo_config_path(), args.overrides)
         trainer = Trainer(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ShardingError) as e:
         raise CliError(str(e)) from None
     try:
         summary = trainer.run()

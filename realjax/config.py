@@ -13,8 +13,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
+import numpy as np
 import yaml
 
+from realjax.losses import LOSSES, hparams_of
 from realjax.sharding import MeshConfig
 
 
@@ -45,7 +48,8 @@ class DataSection:
 @dataclasses.dataclass(frozen=True)
 class LossSection:
     """The objective (``realjax.losses.LOSSES``) and its hyperparameters; unset ones keep the function's
-    defaults, and setting one the objective does not take is an error."""
+    defaults. A key that belongs to another objective is ignored (and reported by the trainer), so one
+    override such as ``loss.name=grpo`` switches the objective of any config."""
 
     name: str = "real"
     tau: float | None = None  # REAL temperature tau (default 0.5)
@@ -56,9 +60,19 @@ class LossSection:
     kl_estimator: str | None = None  # k1 | k3 (alias low_var_kl)
     norm_length: int | None = None  # Dr.GRPO constant (default: the response budget N)
 
-    def hparams(self) -> dict[str, Any]:
+    def _set(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name != "name" and getattr(self, f.name) is not None}
+
+    def hparams(self) -> dict[str, Any]:
+        """The set hyper-parameters that this objective takes."""
+        takes = hparams_of(self.name)
+        return {k: v for k, v in self._set().items() if k in takes}
+
+    def ignored(self) -> list[str]:
+        """Set keys that belong to other objectives (``loss.tau`` under ``loss.name=grpo``)."""
+        takes = hparams_of(self.name)
+        return [k for k in self._set() if k not in takes]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,27 +281,37 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single field cannot make."""
-    import inspect
-
-    from realjax.losses import LOSSES
-
-    r, o = cfg.rollout, cfg.optim
+    """Every rule a setting must meet that can be checked without devices (the mesh-dependent ones are
+    checked when the run plan is made, still before any step). Each failure names the key and the rule."""
+    r, o, t, e = cfg.rollout, cfg.optim, cfg.trainer, cfg.eval
     if cfg.loss.name not in LOSSES:
         close = difflib.get_close_matches(cfg.loss.name, LOSSES, n=1)
         raise ConfigError(f"loss.name: unknown objective {cfg.loss.name!r}" + (f"; did you mean {close[0]}?" if close else
                                                                            f"; choose from {sorted(LOSSES)}"))
-    params = inspect.signature(LOSSES[cfg.loss.name]).parameters
-    for key in cfg.loss.hparams():
-        if key not in params:
-            raise ConfigError(f"loss.{key} is not a hyperparameter of {cfg.loss.name}")
-    positive = {"rollout.group_size": r.group_size, "rollout.prompts_per_step": r.prompts_per_step,
-                "rollout.max_new_tokens": r.max_new_tokens, "rollout.window_tokens": r.window_tokens,
-                "optim.mini_batches": o.mini_batches,
-                "optim.micro_batches": o.micro_batches, "trainer.steps": cfg.trainer.steps, "eval.n": cfg.eval.n}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
+    at_least = {"rollout.group_size": (r.group_size, 2), "rollout.prompts_per_step": (r.prompts_per_step, 1),
+                "rollout.max_new_tokens": (r.max_new_tokens, 1), "rollout.window_tokens": (r.window_tokens, 1),
+                "rollout.max_sampling_rounds": (r.max_sampling_rounds, 1),
+                "optim.mini_batches": (o.mini_batches, 1), "optim.micro_batches": (o.micro_batches, 1),
+                "optim.max_bad_steps": (o.max_bad_steps, 1), "trainer.steps": (t.steps, 1),
+                "trainer.save_every": (t.save_every, 1), "trainer.log_every": (t.log_every, 1),
+                "trainer.keep_checkpoints": (t.keep_checkpoints, 1), "eval.n": (e.n, 1),
+                "trainer.eval_every": (t.eval_every, 0), "trainer.logp_check_every": (t.logp_check_every, 0),
+                "rollout.top_k": (r.top_k, 0), "eval.top_k": (e.top_k, 0), "rollout.prompts_per_call": (r.prompts_per_call, 0),
+                "eval.prompts_per_call": (e.prompts_per_call, 0), "eval.max_new_tokens": (e.max_new_tokens, 0),
+                "optim.warmup_steps": (o.warmup_steps, 0), "data.eval_limit": (cfg.data.eval_limit, 0)}
+    for key, (value, low) in at_least.items():
+        if value < low:
+            why = " (every objective compares the rollouts of a group)" if key == "rollout.group_size" else ""
+            raise ConfigError(f"{key} must be >= {low}, got {value}{why}")
+    if not r.temperature > 0:
+        raise ConfigError(f"rollout.temperature must be > 0 (the trained policy is softmax(logits / T)), got {r.temperature}")
+    if e.temperature < 0:
+        raise ConfigError(f"eval.temperature must be >= 0 (0 is greedy), got {e.temperature}")
+    for key, value in (("rollout.top_p", r.top_p), ("eval.top_p", e.top_p)):
+        if not 0 < value <= 1:
+            raise ConfigError(f"{key} must be in (0, 1], got {value}")
+    if not o.lr > 0:
+        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
     if r.prompts_per_step % o.mini_batches:
         raise ConfigError(f"optim.mini_batches={o.mini_batches} must divide rollout.prompts_per_step="
                           f"{r.prompts_per_step}: every update sees whole groups")
@@ -300,13 +324,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.old_logp must be auto, sampler or recompute, got {r.old_logp!r}")
     if o.schedule not in ("constant", "cosine", "linear"):
         raise ConfigError(f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}")
-    import numpy as np
-
     for key, value in (("model.param_dtype", cfg.model.param_dtype), ("model.dtype", cfg.model.dtype)):
         if value == "auto" and key == "model.dtype":
             continue
         try:
-            np.dtype(__import__("ml_dtypes").bfloat16 if value == "bfloat16" else value)
+            np.dtype(ml_dtypes.bfloat16 if value == "bfloat16" else value)
         except TypeError:
             raise ConfigError(f"{key}: unknown dtype {value!r} (float32, bfloat16{', auto' if key == 'model.dtype' else ''})") from None
     if cfg.model.remat not in ("none", "full", "dots"):

@@ -2,13 +2,23 @@
 
 Every objective has the same signature and returns ``(loss, metrics)``::
 
-    loss, metrics = fn(logp, old_logp, mask, rewards, *, group_size, **hparams)
+    loss, metrics = fn(logp, old_logp, mask, rewards, *, group_size, row_mask=None, **hparams)
 
-Shapes (axis legend of the project, see ``realjax/__init__.py``): ``logp_BT``, ``old_logp_BT`` and
-``mask_BT`` are float ``[B, T]`` per-token log-probs of the response tokens under the current policy and
+Shapes (axis legend of the project, see ``realjax/__init__.py``): ``logp_BA``, ``old_logp_BA`` and
+``mask_BA`` are float ``[B, A]`` per-token log-probs of the response tokens under the current policy and
 the rollout (old) policy, and the response mask; ``rewards_B`` is ``[B]``. ``B = P * R``: P prompt groups
 of R = ``group_size`` rollouts, rows of one group contiguous (``b // R`` is the group id). No sorting
 and no boolean indexing: every selection is a mask, so shapes are static and every function jits once.
+``row_mask`` ([B], 1 = the row takes part) drops whole rows, e.g. truncated responses under DAPO's
+overlong filter: a dropped row is neither a label nor a token nor a row of any count, exactly as if it
+had been removed from the batch.
+
+Exact sums. Each objective is a *sum of terms divided by a normaliser that does not depend on the
+parameters*: groups (REAL, product, ordinal), labelled rows of valid groups (BCE), rows (GRPO, GSPO),
+tokens (DAPO) or rows x ``norm_length`` (Dr.GRPO). ``TERMS[name]`` returns both as :class:`LossTerms`;
+``LOSSES[name]`` divides. A learner that cuts a mini-batch into micro-batches of whole groups adds the
+sums and the normalisers and divides once, which gives the mini-batch's gradient exactly whatever the cut
+(``realjax.rl.update``). Metrics are kept the same way, as :class:`Mean` (total, weight) pairs.
 
 Semantics follow the paper and its released code (see ``shared/PAPER.md`` sections 2-3):
 
@@ -29,7 +39,11 @@ Departures from the released code, all deliberate:
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import functools
+import inspect
+import operator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +52,64 @@ Metrics = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
 
 _ADV_EPS = 1e-6  # verl's epsilon in (r - mean) / (std + eps)
+# Keyword arguments of an objective that are inputs, not hyper-parameters a config may set.
+INPUT_KWARGS = ("group_size", "row_mask", "ref_logp")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact means and the terms of a loss
+# ----------------------------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mean:
+    """A mean kept as ``total / weight`` so that adding parts and dividing once is exact (a weighted
+    metric): the mean of a mini-batch is never a mean of micro-batch means."""
+
+    total: jax.Array
+    weight: jax.Array
+
+    def __add__(self, other: "Mean") -> "Mean":
+        return Mean(self.total + other.total, self.weight + other.weight)
+
+    @property
+    def value(self) -> jax.Array:
+        return self.total / jnp.where(self.weight > 0, self.weight, 1.0)  # an empty mean is 0, not NaN
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LossTerms:
+    """An objective before its one division: ``loss = loss_sum.total / loss_sum.weight``.
+
+    ``means``: metrics as :class:`Mean`; ``counts``: metrics that add up (valid groups, thresholds).
+    """
+
+    loss_sum: Mean
+    means: dict[str, Mean]
+    counts: dict[str, jax.Array]
+
+    def __add__(self, other: "LossTerms") -> "LossTerms":
+        return jax.tree.map(operator.add, self, other)
+
+    def finish(self) -> tuple[jax.Array, Metrics]:
+        return self.loss_sum.value, {**{k: m.value for k, m in self.means.items()}, **self.counts}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Shared pieces
 # ----------------------------------------------------------------------------------------------------
-def _f32(*xs):
-    return tuple(jnp.asarray(x, jnp.float32) for x in xs)
+def _inputs(logp, old_logp, mask, rewards, row_mask):
+    """float32 inputs; the token mask of dropped rows zeroed; ``keep_B`` (1.0 = the row takes part)."""
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    logp, old_logp, mask, rewards = f32(logp), f32(old_logp), f32(mask), f32(rewards)
+    keep_B = jnp.ones_like(rewards) if row_mask is None else f32(row_mask)
+    return logp, old_logp, mask * keep_B[:, None], rewards, keep_B
 
 
-def sequence_scores(logp_BT, old_logp_BT, mask_BT):
+def sequence_scores(logp_BA, old_logp_BA, mask_BA):
     """s_B: the mean over response tokens of ``logp - old_logp`` (0 for an empty response)."""
-    length_B = jnp.sum(mask_BT, axis=-1)
-    return jnp.sum(mask_BT * (logp_BT - old_logp_BT), axis=-1) / jnp.maximum(length_B, 1.0)
+    length_B = jnp.sum(mask_BA, axis=-1)
+    return jnp.sum(mask_BA * (logp_BA - old_logp_BA), axis=-1) / jnp.maximum(length_B, 1.0)
 
 
 def _grouped(x_B, group_size):
@@ -59,12 +118,17 @@ def _grouped(x_B, group_size):
     return x_B.reshape(-1, group_size)
 
 
-def _labels(rewards_B, group_size):
-    """Positive / negative masks [P, R] and the valid-group mask [P]."""
-    r_PR = _grouped(rewards_B, group_size)
-    pos_PR, neg_PR = r_PR == 1.0, r_PR == 0.0
+def _labels(rewards_B, keep_B, group_size):
+    """Positive / negative masks [P, R] (kept rows only) and the valid-group mask [P]."""
+    r_PR, keep_PR = _grouped(rewards_B, group_size), _grouped(keep_B, group_size) > 0
+    pos_PR, neg_PR = (r_PR == 1.0) & keep_PR, (r_PR == 0.0) & keep_PR
     valid_P = jnp.any(pos_PR, axis=-1) & jnp.any(neg_PR, axis=-1)
     return pos_PR, neg_PR, valid_P
+
+
+def _groups(keep_B, group_size):
+    """How many groups take part: those with at least one kept row (all of them without a row mask)."""
+    return jnp.sum(jnp.any(_grouped(keep_B, group_size) > 0, axis=-1).astype(jnp.float32))
 
 
 def log1p_sum_exp(x_PR, m_PR):
@@ -84,235 +148,269 @@ def masked_logsumexp(x_PR, m_PR):
     return jnp.where(any_P, jax.nn.logsumexp(safe_PR, axis=-1), -jnp.inf)
 
 
-def kl_to_old(logp_BT, old_logp_BT, mask_BT):
+def kl_to_old(logp_BA, old_logp_BA, mask_BA) -> tuple[Mean, Mean]:
     """Token-mean KL(old || new) estimates from samples of the old policy: k1 and k3 (Schulman 2020)."""
-    log_ratio_BT = logp_BT - old_logp_BT  # log(new / old)
-    n = jnp.maximum(jnp.sum(mask_BT), 1.0)
-    k1 = jnp.sum(mask_BT * -log_ratio_BT) / n
-    k3 = jnp.sum(mask_BT * (jnp.expm1(log_ratio_BT) - log_ratio_BT)) / n
-    return k1, k3
+    log_ratio_BA = logp_BA - old_logp_BA  # log(new / old)
+    n = jnp.sum(mask_BA)
+    return (Mean(jnp.sum(mask_BA * -log_ratio_BA), n),
+            Mean(jnp.sum(mask_BA * (jnp.expm1(log_ratio_BA) - log_ratio_BA)), n))
 
 
-def kl_penalty(logp_BT, ref_logp_BT, estimator):
+def kl_penalty(logp_BA, ref_logp_BA, estimator):
     """Per-token KL(new || ref) estimate with samples from the current policy.
 
     ``k1``: ``logp - ref``; ``k3`` / ``low_var_kl``: ``e^{ref-logp} - (ref - logp) - 1``, clamped to
     [-10, 10] as verl does (it is always >= 0 and unbiased, with far lower variance than k1).
     """
     if estimator == "k1":
-        return logp_BT - ref_logp_BT
+        return logp_BA - ref_logp_BA
     if estimator in ("k3", "low_var_kl"):
-        d_BT = jnp.clip(ref_logp_BT - logp_BT, -20.0, 20.0)
-        return jnp.clip(jnp.expm1(d_BT) - d_BT, -10.0, 10.0)
+        d_BA = jnp.clip(ref_logp_BA - logp_BA, -20.0, 20.0)
+        return jnp.clip(jnp.expm1(d_BA) - d_BA, -10.0, 10.0)
     raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3' (alias 'low_var_kl')")
 
 
-def _common_metrics(logp_BT, old_logp_BT, mask_BT, s_B, valid_P) -> Metrics:
-    k1, k3 = kl_to_old(logp_BT, old_logp_BT, mask_BT)
-    return {
-        "valid_groups": jnp.sum(valid_P.astype(jnp.float32)),
-        "score_mean": jnp.mean(s_B),
-        "kl_old_k1": k1,
-        "kl_old_k3": k3,
-    }
+def _terms(loss_total, loss_weight, logp_BA, old_logp_BA, mask_BA, keep_B, s_B, valid_P, **extra) -> LossTerms:
+    """The loss sum and the metrics every objective reports."""
+    k1, k3 = kl_to_old(logp_BA, old_logp_BA, mask_BA)
+    means = {"score_mean": Mean(jnp.sum(keep_B * s_B), jnp.sum(keep_B)), "kl_old_k1": k1, "kl_old_k3": k3}
+    means.update({k: v for k, v in extra.items() if isinstance(v, Mean)})
+    counts = {"valid_groups": jnp.sum(valid_P.astype(jnp.float32))}
+    counts.update({k: v for k, v in extra.items() if not isinstance(v, Mean)})
+    return LossTerms(Mean(loss_total, jnp.asarray(loss_weight, jnp.float32)), means, counts)
 
 
 # ----------------------------------------------------------------------------------------------------
 # REAL family
 # ----------------------------------------------------------------------------------------------------
-def real_loss(logp, old_logp, mask, rewards, *, group_size, tau=0.5):
+def real_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, tau=0.5):
     """REAL (paper Eq. 8) with anchor logits; ``sum over valid groups / number of groups``."""
-    logp, old_logp, mask, rewards = _f32(logp, old_logp, mask, rewards)
+    logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
     s_B = sequence_scores(logp, old_logp, mask)
-    pos_PR, neg_PR, valid_P = _labels(rewards, group_size)
+    pos_PR, neg_PR, valid_P = _labels(rewards, keep_B, group_size)
     z_PR = _grouped(s_B, group_size) / tau
     loss_P = log1p_sum_exp(-z_PR, pos_PR) + log1p_sum_exp(z_PR, neg_PR)
-    loss = jnp.sum(jnp.where(valid_P, loss_P, 0.0)) / valid_P.shape[0]
-    return loss, _common_metrics(logp, old_logp, mask, s_B, valid_P)
+    return _terms(jnp.sum(jnp.where(valid_P, loss_P, 0.0)), _groups(keep_B, group_size),
+                  logp, old_logp, mask, keep_B, s_B, valid_P)
 
 
-def real_bce_loss(logp, old_logp, mask, rewards, *, group_size, tau=0.5):
+def real_bce_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, tau=0.5):
     """REAL-BCE: each rollout classified against the 0 anchor alone, ``BCE(s / tau, r == 1)``.
 
-    Averaged over the rollouts of valid groups (the released code's ``reduction='mean'``), 0 when there
-    is none.
+    Averaged over the labelled rollouts of valid groups (the released code's ``reduction='mean'``), 0
+    when there is none.
     """
-    logp, old_logp, mask, rewards = _f32(logp, old_logp, mask, rewards)
+    logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
     s_B = sequence_scores(logp, old_logp, mask)
-    pos_PR, neg_PR, valid_P = _labels(rewards, group_size)
+    pos_PR, neg_PR, valid_P = _labels(rewards, keep_B, group_size)
     z_PR = _grouped(s_B, group_size) / tau
     # BCE with logits: softplus(z) - y z; rows that are neither label (graded rewards) are left out.
     bce_PR = jax.nn.softplus(z_PR) - pos_PR * z_PR
     w_PR = valid_P[:, None] & (pos_PR | neg_PR)
-    loss = jnp.sum(jnp.where(w_PR, bce_PR, 0.0)) / jnp.maximum(jnp.sum(w_PR), 1)
-    return loss, _common_metrics(logp, old_logp, mask, s_B, valid_P)
+    return _terms(jnp.sum(jnp.where(w_PR, bce_PR, 0.0)), jnp.sum(w_PR), logp, old_logp, mask, keep_B, s_B, valid_P)
 
 
-def real_product_loss(logp, old_logp, mask, rewards, *, group_size, tau=0.5):
+def real_product_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, tau=0.5):
     """Product (circle-loss) form without anchors: ``log(1 + sum_pos sum_neg e^{(s_neg - s_pos)/tau})``."""
-    logp, old_logp, mask, rewards = _f32(logp, old_logp, mask, rewards)
+    logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
     s_B = sequence_scores(logp, old_logp, mask)
-    pos_PR, neg_PR, valid_P = _labels(rewards, group_size)
+    pos_PR, neg_PR, valid_P = _labels(rewards, keep_B, group_size)
     z_PR = _grouped(s_B, group_size) / tau
     pair_P = masked_logsumexp(z_PR, neg_PR) + masked_logsumexp(-z_PR, pos_PR)
     loss_P = jax.nn.softplus(jnp.where(valid_P, pair_P, 0.0))
-    loss = jnp.sum(jnp.where(valid_P, loss_P, 0.0)) / valid_P.shape[0]
-    return loss, _common_metrics(logp, old_logp, mask, s_B, valid_P)
+    return _terms(jnp.sum(jnp.where(valid_P, loss_P, 0.0)), _groups(keep_B, group_size),
+                  logp, old_logp, mask, keep_B, s_B, valid_P)
 
 
-def real_ordinal_loss(logp, old_logp, mask, rewards, *, group_size, tau=0.5):
+def real_ordinal_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, tau=0.5):
     """Our extension for graded rewards: REAL summed over the thresholds between a group's levels.
 
     For each distinct reward level ``l`` of a group except its highest, rollouts with ``r > l`` are the
     positives and those with ``r <= l`` the negatives of one binary REAL loss; the group's loss is the sum
-    over its thresholds. With rewards in {0, 1} there is one threshold and this equals ``real_loss``.
-    Static shapes: each rollout proposes its own reward as a threshold, and only the first rollout of
-    each level in the group counts it.
+    over its thresholds. With rewards in {0, 1} there is one threshold and this equals ``real``.
+    Static shapes: each rollout proposes its own reward as a threshold, and only the first kept rollout
+    of each level in the group counts it.
     """
-    logp, old_logp, mask, rewards = _f32(logp, old_logp, mask, rewards)
+    logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
     s_B = sequence_scores(logp, old_logp, mask)
-    r_PR = _grouped(rewards, group_size)
+    r_PR, keep_PR = _grouped(rewards, group_size), _grouped(keep_B, group_size) > 0
     z_PR = _grouped(s_B, group_size) / tau
     R = group_size
-    # pos_PLR[p, l, i]: rollout i is above threshold r[p, l].
-    pos_PLR = r_PR[:, None, :] > r_PR[:, :, None]
-    neg_PLR = ~pos_PLR
+    # pos_PLR[p, l, i]: kept rollout i is above threshold r[p, l]; neg: kept and at or below it.
+    above_PLR = r_PR[:, None, :] > r_PR[:, :, None]
+    pos_PLR, neg_PLR = above_PLR & keep_PR[:, None, :], ~above_PLR & keep_PR[:, None, :]
     earlier_LR = jnp.tril(jnp.ones((R, R), bool), k=-1)  # [l, j] = j < l
-    first_PL = ~jnp.any((r_PR[:, :, None] == r_PR[:, None, :]) & earlier_LR[None], axis=-1)
+    same_PLR = (r_PR[:, :, None] == r_PR[:, None, :]) & keep_PR[:, None, :]
+    first_PL = keep_PR & ~jnp.any(same_PLR & earlier_LR[None], axis=-1)
     used_PL = first_PL & jnp.any(pos_PLR, axis=-1)  # the top level proposes no threshold
     P = r_PR.shape[0]
     z_QR = jnp.broadcast_to(z_PR[:, None, :], (P, R, R)).reshape(P * R, R)
     loss_PL = (log1p_sum_exp(-z_QR, pos_PLR.reshape(P * R, R))
                + log1p_sum_exp(z_QR, neg_PLR.reshape(P * R, R))).reshape(P, R)
-    loss = jnp.sum(jnp.where(used_PL, loss_PL, 0.0)) / P
-    metrics = _common_metrics(logp, old_logp, mask, s_B, jnp.any(used_PL, axis=-1))
-    metrics["thresholds"] = jnp.sum(used_PL.astype(jnp.float32))
-    return loss, metrics
+    return _terms(jnp.sum(jnp.where(used_PL, loss_PL, 0.0)), _groups(keep_B, group_size), logp, old_logp, mask,
+                  keep_B, s_B, jnp.any(used_PL, axis=-1), thresholds=jnp.sum(used_PL.astype(jnp.float32)))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Baselines: GRPO, DAPO, GSPO, Dr.GRPO
 # ----------------------------------------------------------------------------------------------------
-def group_advantages(rewards_B, group_size, *, scale=True):
-    """``(r - mean_g) / (std_g + 1e-6)`` with the unbiased std (torch's default); ``r - mean_g`` unscaled."""
+def group_advantages(rewards_B, group_size, *, scale=True, row_mask=None):
+    """``(r - mean_g) / (std_g + 1e-6)`` over a group's kept rows, with the unbiased std (torch's
+    default); ``r - mean_g`` unscaled. Dropped rows get 0; so does a row left alone in its group."""
     if scale and group_size < 2:
         raise ValueError("group-normalised advantages need group_size >= 2 (the unbiased std of one is NaN)")
-    r_PR = _grouped(rewards_B, group_size)
-    a_PR = r_PR - jnp.mean(r_PR, axis=-1, keepdims=True)
+    r_PR = _grouped(jnp.asarray(rewards_B, jnp.float32), group_size)
+    keep_PR = jnp.ones_like(r_PR) if row_mask is None else _grouped(jnp.asarray(row_mask, jnp.float32), group_size)
+    n_P1 = jnp.sum(keep_PR, axis=-1, keepdims=True)
+    a_PR = keep_PR * (r_PR - jnp.sum(keep_PR * r_PR, axis=-1, keepdims=True) / jnp.maximum(n_P1, 1.0))
     if scale:
-        a_PR = a_PR / (jnp.std(r_PR, axis=-1, keepdims=True, ddof=1) + _ADV_EPS)
+        a_PR = a_PR / (jnp.sqrt(jnp.sum(a_PR**2, axis=-1, keepdims=True) / jnp.maximum(n_P1 - 1.0, 1.0)) + _ADV_EPS)
     return a_PR.reshape(-1)
 
 
-def _clipped_surrogate(ratio_BT, adv_B, clip_low, clip_high):
+def _clipped_surrogate(ratio_BA, adv_B, clip_low, clip_high):
     """PPO's per-token loss ``-min(rho A, clip(rho) A)`` and the mask of tokens where the clip is active."""
-    adv_BT = adv_B[:, None]
-    unclipped_BT = -adv_BT * ratio_BT
-    clipped_BT = -adv_BT * jnp.clip(ratio_BT, 1.0 - clip_low, 1.0 + clip_high)
-    return jnp.maximum(unclipped_BT, clipped_BT), clipped_BT > unclipped_BT
+    adv_BA = adv_B[:, None]
+    unclipped_BA = -adv_BA * ratio_BA
+    clipped_BA = -adv_BA * jnp.clip(ratio_BA, 1.0 - clip_low, 1.0 + clip_high)
+    return jnp.maximum(unclipped_BA, clipped_BA), clipped_BA > unclipped_BA
 
 
-def _seq_mean_then_batch_mean(x_BT, mask_BT):
-    return jnp.mean(jnp.sum(mask_BT * x_BT, -1) / jnp.maximum(jnp.sum(mask_BT, -1), 1.0))
+def _sequence_means_sum(x_BA, mask_BA):
+    """Sum over rows of each row's token mean (a row without tokens adds 0)."""
+    return jnp.sum(jnp.sum(mask_BA * x_BA, -1) / jnp.maximum(jnp.sum(mask_BA, -1), 1.0))
 
 
-def _token_mean(x_BT, mask_BT):
-    return jnp.sum(mask_BT * x_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
+def _token_sum(x_BA, mask_BA) -> Mean:
+    return Mean(jnp.sum(mask_BA * x_BA), jnp.sum(mask_BA))
 
 
 def _policy_gradient(logp, old_logp, mask, adv_B, clip_low, clip_high):
-    ratio_BT = jnp.exp(logp - old_logp)
-    pg_BT, clipped_BT = _clipped_surrogate(ratio_BT, adv_B, clip_low, clip_high)
-    return pg_BT, _token_mean(clipped_BT.astype(jnp.float32), mask)
+    pg_BA, clipped_BA = _clipped_surrogate(jnp.exp(logp - old_logp), adv_B, clip_low, clip_high)
+    return pg_BA, _token_sum(clipped_BA.astype(jnp.float32), mask)
 
 
-def _valid_std_groups(rewards_B, group_size):
-    r_PR = _grouped(rewards_B, group_size)
-    return jnp.max(r_PR, -1) > jnp.min(r_PR, -1)
+def _mixed_groups(rewards_B, keep_B, group_size):
+    """Groups whose kept rows do not all have the same reward (they carry a learning signal)."""
+    r_PR, keep_PR = _grouped(rewards_B, group_size), _grouped(keep_B, group_size) > 0
+    return jnp.max(jnp.where(keep_PR, r_PR, -jnp.inf), -1) > jnp.min(jnp.where(keep_PR, r_PR, jnp.inf), -1)
 
 
-def grpo_loss(logp, old_logp, mask, rewards, *, group_size, clip_eps=0.2, ref_logp=None, kl_coef=0.0,
-              kl_estimator="k3"):
-    """GRPO: PPO-clip surrogate with group-normalised advantages; per-sequence token mean, then batch mean.
+def _baseline_terms(loss_total, loss_weight, logp, old_logp, mask, rewards, keep_B, group_size, **extra):
+    s_B = sequence_scores(logp, old_logp, mask)
+    return _terms(loss_total, loss_weight, logp, old_logp, mask, keep_B, s_B,
+                  _mixed_groups(rewards, keep_B, group_size), **extra)
 
-    With ``ref_logp`` ([B, T], frozen reference policy) and ``kl_coef > 0`` adds ``kl_coef * KL(new||ref)``
+
+def grpo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, clip_eps=0.2, ref_logp=None,
+               kl_coef=0.0, kl_estimator="k3"):
+    """GRPO: PPO-clip surrogate with group-normalised advantages; per-sequence token mean, then row mean.
+
+    With ``ref_logp`` ([B, A], frozen reference policy) and ``kl_coef > 0`` adds ``kl_coef * KL(new||ref)``
     aggregated the same way (the official GRPO script: k3 / "low_var_kl", coefficient 0.001).
     """
-    logp, old_logp, mask, rewards = _f32(logp, old_logp, mask, rewards)
-    adv_B = group_advantages(rewards, group_size)
-    pg_BT, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_eps, clip_eps)
-    loss = _seq_mean_then_batch_mean(pg_BT, mask)
-    s_B = sequence_scores(logp, old_logp, mask)
-    metrics = _common_metrics(logp, old_logp, mask, s_B, _valid_std_groups(rewards, group_size))
-    metrics["clip_frac"] = clip_frac
+    logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
+    adv_B = group_advantages(rewards, group_size, row_mask=keep_B)
+    pg_BA, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_eps, clip_eps)
+    total, extra = _sequence_means_sum(pg_BA, mask), {"clip_frac": clip_frac}
     if ref_logp is not None:
-        kl = _seq_mean_then_batch_mean(kl_penalty(logp, jnp.asarray(ref_logp, jnp.float32), kl_estimator), mask)
-        loss = loss + kl_coef * kl
-        metrics["kl_ref"] = kl
-    return loss, metrics
+        kl = _sequence_means_sum(kl_penalty(logp, jnp.asarray(ref_logp, jnp.float32), kl_estimator), mask)
+        total = total + kl_coef * kl
+        extra["kl_ref"] = Mean(kl, jnp.sum(keep_B))
+    return _baseline_terms(total, jnp.sum(keep_B), logp, old_logp, mask, rewards, keep_B, group_size, **extra)
 
 
-def dapo_loss(logp, old_logp, mask, rewards, *, group_size, clip_low=0.2, clip_high=0.28):
-    """DAPO as the paper ran it: clip-higher (0.2 / 0.28) and a token mean over the whole batch.
+def dapo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, clip_low=0.2, clip_high=0.28):
+    """DAPO as the paper ran it: clip-higher (0.2 / 0.28) and a token mean over the whole mini-batch.
 
-    Dynamic sampling and overlong filtering are trainer options, not part of the loss.
+    Dynamic sampling and the overlong filter are trainer options (the filter arrives as ``row_mask``).
     """
-    logp, old_logp, mask, rewards = _f32(logp, old_logp, mask, rewards)
-    adv_B = group_advantages(rewards, group_size)
-    pg_BT, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_low, clip_high)
-    s_B = sequence_scores(logp, old_logp, mask)
-    metrics = _common_metrics(logp, old_logp, mask, s_B, _valid_std_groups(rewards, group_size))
-    metrics["clip_frac"] = clip_frac
-    return _token_mean(pg_BT, mask), metrics
+    logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
+    adv_B = group_advantages(rewards, group_size, row_mask=keep_B)
+    pg_BA, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_low, clip_high)
+    tokens = _token_sum(pg_BA, mask)
+    return _baseline_terms(tokens.total, tokens.weight, logp, old_logp, mask, rewards, keep_B, group_size,
+                           clip_frac=clip_frac)
 
 
-def gspo_loss(logp, old_logp, mask, rewards, *, group_size, clip_low=3e-4, clip_high=4e-4):
+def gspo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, clip_low=3e-4, clip_high=4e-4):
     """GSPO: the sequence-level ratio ``exp(mean_t log rho_t)`` clipped to [1 - 3e-4, 1 + 4e-4].
 
     Written in the GSPO-token form of the released code: each token's log-ratio is
     ``sg(seq mean log-ratio) + logp_t - sg(logp_t)`` (clamped at 10), so the value is the sequence ratio
-    and the gradient reaches each token through its own log-prob. Per-sequence token mean, batch mean.
+    and the gradient reaches each token through its own log-prob. Per-sequence token mean, row mean.
     """
-    logp, old_logp, mask, rewards = _f32(logp, old_logp, mask, rewards)
-    adv_B = group_advantages(rewards, group_size)
+    logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
+    adv_B = group_advantages(rewards, group_size, row_mask=keep_B)
     s_B = sequence_scores(logp, old_logp, mask)
     sg = jax.lax.stop_gradient
-    log_ratio_BT = jnp.minimum(sg(s_B)[:, None] + logp - sg(logp), 10.0)
-    pg_BT, clipped_BT = _clipped_surrogate(jnp.exp(log_ratio_BT), adv_B, clip_low, clip_high)
-    metrics = _common_metrics(logp, old_logp, mask, s_B, _valid_std_groups(rewards, group_size))
-    metrics["clip_frac"] = _token_mean(clipped_BT.astype(jnp.float32), mask)
-    return _seq_mean_then_batch_mean(pg_BT, mask), metrics
+    log_ratio_BA = jnp.minimum(sg(s_B)[:, None] + logp - sg(logp), 10.0)
+    pg_BA, clipped_BA = _clipped_surrogate(jnp.exp(log_ratio_BA), adv_B, clip_low, clip_high)
+    return _baseline_terms(_sequence_means_sum(pg_BA, mask), jnp.sum(keep_B), logp, old_logp, mask, rewards,
+                           keep_B, group_size, clip_frac=_token_sum(clipped_BA.astype(jnp.float32), mask))
 
 
-def dr_grpo_loss(logp, old_logp, mask, rewards, *, group_size, clip_eps=0.2, norm_length=None):
-    """Dr.GRPO: advantages ``r - mean_g`` (no std), token sum divided by a constant ``B * norm_length``.
+def dr_grpo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, clip_eps=0.2, norm_length=None):
+    """Dr.GRPO: advantages ``r - mean_g`` (no std), token sum divided by the constant ``rows * norm_length``.
 
-    ``norm_length`` defaults to T, the padded response length (the generation budget).
+    ``norm_length`` defaults to A, the padded response length (the generation budget).
     """
-    logp, old_logp, mask, rewards = _f32(logp, old_logp, mask, rewards)
-    adv_B = group_advantages(rewards, group_size, scale=False)
-    pg_BT, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_eps, clip_eps)
-    norm = logp.shape[0] * (logp.shape[1] if norm_length is None else norm_length)
-    s_B = sequence_scores(logp, old_logp, mask)
-    metrics = _common_metrics(logp, old_logp, mask, s_B, _valid_std_groups(rewards, group_size))
-    metrics["clip_frac"] = clip_frac
-    return jnp.sum(mask * pg_BT) / norm, metrics
+    logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
+    adv_B = group_advantages(rewards, group_size, scale=False, row_mask=keep_B)
+    pg_BA, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_eps, clip_eps)
+    norm = jnp.sum(keep_B) * (logp.shape[1] if norm_length is None else norm_length)
+    return _baseline_terms(jnp.sum(mask * pg_BA), norm, logp, old_logp, mask, rewards, keep_B, group_size,
+                           clip_frac=clip_frac)
 
 
-LOSSES: dict[str, LossFn] = {
-    "real": real_loss,
-    "real_bce": real_bce_loss,
-    "real_product": real_product_loss,
-    "real_ordinal": real_ordinal_loss,
-    "grpo": grpo_loss,
-    "dapo": dapo_loss,
-    "gspo": gspo_loss,
-    "dr_grpo": dr_grpo_loss,
+# ----------------------------------------------------------------------------------------------------
+# Registries
+# ----------------------------------------------------------------------------------------------------
+TERMS: dict[str, Callable[..., LossTerms]] = {
+    "real": real_terms,
+    "real_bce": real_bce_terms,
+    "real_product": real_product_terms,
+    "real_ordinal": real_ordinal_terms,
+    "grpo": grpo_terms,
+    "dapo": dapo_terms,
+    "gspo": gspo_terms,
+    "dr_grpo": dr_grpo_terms,
 }
+
+# What each objective divides its sum by (README "Objectives"); also the unit micro-batches add up.
+NORMALISERS = {"real": "groups", "real_bce": "labelled rows of valid groups", "real_product": "groups",
+               "real_ordinal": "groups", "grpo": "rows", "dapo": "tokens", "gspo": "rows",
+               "dr_grpo": "rows x norm_length"}
+
+
+def _as_loss(name: str, terms_fn: Callable[..., LossTerms]) -> LossFn:
+    @functools.wraps(terms_fn)
+    def loss_fn(*args, **kwargs):
+        return terms_fn(*args, **kwargs).finish()
+
+    loss_fn.__name__ = loss_fn.__qualname__ = f"{name}_loss"
+    return loss_fn
+
+
+LOSSES: dict[str, LossFn] = {name: _as_loss(name, fn) for name, fn in TERMS.items()}
+real_loss, real_bce_loss, real_product_loss, real_ordinal_loss = (LOSSES[n] for n in
+                                                                  ("real", "real_bce", "real_product", "real_ordinal"))
+grpo_loss, dapo_loss, gspo_loss, dr_grpo_loss = (LOSSES[n] for n in ("grpo", "dapo", "gspo", "dr_grpo"))
+
+
+def hparams_of(name: str) -> dict[str, Any]:
+    """An objective's hyper-parameters and their defaults, read from its signature."""
+    params = inspect.signature(get_terms(name)).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in INPUT_KWARGS}
+
+
+def get_terms(name: str) -> Callable[..., LossTerms]:
+    try:
+        return TERMS[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(TERMS)}") from None
 
 
 def get_loss(name: str) -> LossFn:
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+    get_terms(name)
+    return LOSSES[name]

@@ -81,7 +81,44 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Iterable | None = None) ->
         arr = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # CPU devices and odd counts: plain row-major order is right there
         arr = np.asarray(devices).reshape(shape)
-    return Mesh(arr, MESH_AXES)
+    return Mesh(_rows_in_process_order(arr), MESH_AXES)
+
+
+class ShardingError(ValueError):
+    """A batch or mesh that cannot be laid out as the run needs (the message names both sizes)."""
+
+
+def _rows_in_process_order(arr: np.ndarray) -> np.ndarray:
+    """Reorder the batch positions (data x fsdp) of a device array so that process p's devices hold the
+    p-th contiguous block of a batch's rows.
+
+    Every process feeds its own block of prompts and rewards are all-gathered in process order, so the
+    two orders must agree; a topology-aware mesh need not list devices by process. Only whole positions
+    move (a position's tensor-parallel devices stay together), so the tensor axis keeps its links.
+    """
+    d, f, t = arr.shape
+    flat = arr.reshape(d * f, t)
+    procs = np.vectorize(lambda dev: getattr(dev, "process_index", 0))(flat)
+    if (procs != procs[:, :1]).any():
+        raise ShardingError(f"mesh.tensor={t} spans devices of several processes: each process must own whole "
+                            "batch positions (make the tensor axis fit in one host)")
+    counts = np.bincount(procs[:, 0])
+    if len(set(counts[counts > 0])) > 1:
+        raise ShardingError(f"processes own unequal numbers of batch positions {counts.tolist()}: every process "
+                            "must feed the same number of rows")
+    order = np.argsort(procs[:, 0], kind="stable")
+    return flat[order].reshape(d, f, t)
+
+
+def process_row_blocks(mesh: Mesh, rows: int, rules: Rules = TRAIN_RULES) -> dict[int, tuple[int, int]]:
+    """For a ``rows``-row batch sharded by ``rules``: each process's [start, stop) of rows."""
+    sharding = batch_sharding(mesh, (rows,), rules)
+    spans: dict[int, list[int]] = {}
+    for device, index in sharding.devices_indices_map((rows,)).items():
+        start, stop, _ = index[0].indices(rows)
+        span = spans.setdefault(device.process_index, [start, stop])
+        span[0], span[1] = min(span[0], start), max(span[1], stop)
+    return {p: (a, b) for p, (a, b) in sorted(spans.items())}
 
 
 def logical_to_spec(axes: tuple[str | None, ...] | None, shape: tuple[int, ...], mesh: Mesh, rules: Rules,
@@ -124,8 +161,14 @@ def state_shardings(state, mesh: Mesh, rules: Rules):
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...], rules: Rules = TRAIN_RULES, *, axis: int = 0) -> NamedSharding:
-    """Rows (dimension ``axis``) over the batch mesh axes (replicated when they do not divide), every
-    other dimension replicated."""
+    """Rows (dimension ``axis``) over the batch mesh axes, every other dimension replicated.
+
+    Rows that do not divide over those devices are a ``ShardingError``, never a silent replication (which
+    would run every row on every device)."""
+    devices = batch_rows_multiple(mesh, rules)
+    if shape[axis] % devices:
+        raise ShardingError(f"a batch of {shape[axis]} rows does not split evenly over the {devices} "
+                            "data-parallel devices of the mesh")
     axes = tuple("batch" if d == axis else None for d in range(len(shape)))
     return NamedSharding(mesh, logical_to_spec(axes, tuple(shape), mesh, rules))
 

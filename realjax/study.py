@@ -108,11 +108,9 @@ def _split_overrides(overrides) -> tuple[list[str], dict[str, str]]:
 def plan(config_path, overrides, losses, seeds: int, out: Path) -> list[Run]:
     """The runs, seed-major (an interrupted study then holds whole seeds, which pair), each a validated
     Config. A ``loss.<key>=v`` override applies to every objective that takes ``key``."""
-    import inspect
-
     from realjax.cli import CliError
     from realjax.config import LossSection, load_config
-    from realjax.losses import LOSSES
+    from realjax.losses import LOSSES, hparams_of
 
     general, loss_kw = _split_overrides(overrides)
     unknown = [n for n in losses if n not in LOSSES]
@@ -121,13 +119,13 @@ def plan(config_path, overrides, losses, seeds: int, out: Path) -> list[Run]:
     if seeds < 1:
         raise CliError(f"--seeds must be >= 1, got {seeds}")
     for key in loss_kw:
-        if not any(key in inspect.signature(LOSSES[n]).parameters for n in losses):
+        if not any(key in hparams_of(n) for n in losses):
             raise CliError(f"loss.{key} is a hyperparameter of none of {', '.join(losses)}")
     reset = [f"loss.{f.name}=null" for f in dataclasses.fields(LossSection) if f.name != "name"]
     runs = []
     for seed in range(seeds):
         for loss in losses:
-            params = inspect.signature(LOSSES[loss]).parameters
+            params = hparams_of(loss)
             hp = {**PAPER_HPARAMS.get(loss, {}), **{k: v for k, v in loss_kw.items() if k in params}}
             per_run = [*reset, f"loss.name={loss}", *(f"loss.{k}={v}" for k, v in hp.items()),
                        f"name={loss}_s{seed}", f"seed={seed}", f"output_dir={out / 'runs'}"]

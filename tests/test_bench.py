@@ -84,7 +84,7 @@ def test_torch_real_loss_equals_realjax():
 def test_rl_step_bench(capsys):
     # one-operation problems: every prompt has the same length, so no later step recompiles for a new bucket
     res = _run(capsys, "rl-step", "--steps", "2", "data.train=synthetic:arithmetic?n=64&seed=0&min_ops=1&max_ops=1",
-               "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
+               "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=6", "mesh.fsdp=4", "mesh.tensor=2",
                "optim.mini_batches=1", "reward.workers=1", "trainer.logp_check_every=0")
     _positive(res, "step_s", "first_step_s", "rollout_s", "update_s")
     fractions = [res[f"{p}_fraction"] for p in ("rollout", "verifier", "scoring", "update", "host")]

@@ -128,7 +128,8 @@ def test_plan_refuses(tmp_path, overrides, losses, message):
 # End to end (subprocesses: the study turns on JAX's persistent compilation cache for its process)
 # ----------------------------------------------------------------------------------------------------
 TINY = ["trainer.steps=2", "trainer.eval_every=1", "trainer.save_every=1", "rollout.prompts_per_step=4",
-        "rollout.group_size=4", "rollout.max_new_tokens=16", "eval.n=2", "data.eval_limit=8"]
+        "rollout.group_size=4", "rollout.max_new_tokens=16", "eval.n=2", "data.eval_limit=8", "mesh.fsdp=4",
+        "mesh.tensor=2"]  # 4 prompts over 4 data-parallel devices of the 8 fake ones
 
 
 def _study(out, *extra):

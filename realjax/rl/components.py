@@ -1,4 +1,5 @@
-"""Building the pieces of a run from its config: processes, model path, data, rewards."""
+"""Building the pieces of a run from its config: processes, model path, data, rewards. (The learner's and
+the samplers' decisions are the run plan's: ``realjax.rl.plan``.)"""
 
 from __future__ import annotations
 
@@ -46,51 +47,6 @@ def model_path(cfg: Config) -> Path | None:
     if not path.is_dir():
         raise ConfigError(f"model.path: {cfg.model.path} is not a directory (a local HF model dir or 'demo')")
     return path
-
-
-# -- learner decisions shared by Trainer and `realjax compile` (which must model the same programs) ------
-def make_run_optimizer(cfg: Config):
-    """AdamW of ``optim.*``; its schedule counts optimizer updates (``mini_batches`` per RL step)."""
-    from realjax.rl.update import make_optimizer
-
-    o = cfg.optim
-    return make_optimizer(o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, eps=o.eps,
-                          schedule=o.schedule, warmup_updates=o.warmup_steps * o.mini_batches,
-                          total_updates=cfg.trainer.steps * o.mini_batches)
-
-
-def uses_reference(cfg: Config) -> bool:
-    """GRPO with a KL term keeps frozen reference weights and scores the batch under them."""
-    return cfg.loss.name == "grpo" and cfg.loss.hparams().get("kl_coef", 0.0) > 0
-
-
-def recomputes_old_logp(cfg: Config, compute_dtype: str) -> bool:
-    """Whether one scoring pass recomputes old log-probs (``auto``: whenever compute is not fp32, where the
-    sampler's incremental numbers differ from a full forward pass)."""
-    mode = cfg.rollout.old_logp
-    return mode == "recompute" or (mode == "auto" and compute_dtype != "float32")
-
-
-def scoring_chunks(cfg: Config) -> int:
-    """How many row chunks a scoring pass over the whole batch is cut into (one micro-batch's rows each)."""
-    return cfg.optim.mini_batches * cfg.optim.micro_batches
-
-
-def eval_prompts_per_call(cfg: Config) -> int:
-    """Prompts per evaluation sampler call (``eval.n`` rows each)."""
-    return cfg.eval.prompts_per_call or cfg.rollout.prompts_per_call or 8
-
-
-def sampling_configs(cfg: Config, stop_ids: tuple[int, ...]):
-    """The rollout's and the evaluation's ``SamplingConfig``."""
-    from realjax.sampling import SamplingConfig
-
-    r, e = cfg.rollout, cfg.eval
-    rollout = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                             top_k=r.top_k, stop_ids=stop_ids, window_tokens=r.window_tokens)
-    evaluation = SamplingConfig(max_new_tokens=e.max_new_tokens or r.max_new_tokens, temperature=e.temperature,
-                                top_p=e.top_p, top_k=e.top_k, stop_ids=stop_ids, window_tokens=r.window_tokens)
-    return rollout, evaluation
 
 
 def build_reward_fn(cfg: Config):

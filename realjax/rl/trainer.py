@@ -18,11 +18,12 @@ Departures from the paper's training code (verl), all deliberate:
 
 from __future__ import annotations
 
+import functools
+import operator
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
@@ -31,14 +32,14 @@ from realjax import sharding as shd
 from realjax.checkpoint import Checkpointer
 from realjax.config import Config, to_dict
 from realjax.data import PromptStream
-from realjax.losses import get_loss
 from realjax.metrics import MetricsWriter
 from realjax.models import (from_pretrained, init_model, load_tokenizer, preset, save_pretrained,
                             stop_token_ids)
 from realjax.models.config import resolve_dtype
 from realjax.rl import components
+from realjax.rl.batch import TrainState, UpdateBatch
+from realjax.rl.plan import make_plan
 from realjax.rl.rollout import RolloutCollector, Rollouts
-from realjax.rl.update import make_scoring_fn, make_update_step
 from realjax.sampling import Sampler
 
 
@@ -58,12 +59,15 @@ class Trainer:
         self.model_path = components.model_path(cfg)
         self.tokenizer, model = self._load_model()
         self.model_cfg = model.cfg
-        self.graphdef, self.params = nnx.split(model)
-        self.param_shardings = shd.state_shardings(self.params, self.mesh, shd.TRAIN_RULES)
-        self.rollout_shardings = shd.state_shardings(self.params, self.mesh, shd.ROLLOUT_RULES)
-        self._rollout_view = _rollout_view_fn(self.model_cfg, self.rollout_shardings)
+        self.graphdef, params = nnx.split(model)
+        stops = (stop_token_ids(self.model_path, self.tokenizer) if self.model_path else
+                 (self.tokenizer.eos_token_id,))
+        # Every learner and sampler decision, made once; mesh-dependent settings fail here, before any step.
+        self.plan = make_plan(cfg, self.mesh, compute_dtype=self.model_cfg.dtype, abstract_params=params,
+                              stop_ids=stops)
+        self._rollout_view = self.plan.rollout_view
         self._build_data()
-        self._build_learner()
+        self._build_learner(params)
         self._build_rollout()
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
         self.step, self.consecutive_skips, self.skipped_total, self.eval_before = 0, 0, 0, {}
@@ -86,32 +90,27 @@ class Trainer:
         self.train_rows, report = components.training_rows(cfg, self.tokenizer)
         self.eval_data, notes = components.eval_sets(cfg, self.tokenizer, self.train_rows)
         self.data_notes = [report.summary(), *notes]
+        self.data_notes += [f"loss.{k} is not a hyperparameter of {cfg.loss.name}: ignored" for k in cfg.loss.ignored()]
         self.stream = PromptStream(self.train_rows, seed=cfg.seed, process_index=jax.process_index(),
                                    process_count=jax.process_count())
 
-    def _build_learner(self):
-        cfg = self.cfg
-        self.optimizer = components.make_run_optimizer(cfg)
-        abstract_opt = jax.eval_shape(self.optimizer.init, self.params)
-        opt_shardings = _opt_shardings(abstract_opt, self.param_shardings, self.mesh)
-        self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.params)
-        hparams = cfg.loss.hparams()
-        self.use_ref = components.uses_reference(cfg)
-        self.ref_params = jax.tree.map(jnp.copy, self.params) if self.use_ref else None
-        kw = dict(temperature=cfg.rollout.temperature, chunk_tokens=cfg.model.logprob_chunk_tokens)
-        self.update = make_update_step(self.graphdef, self.optimizer, get_loss(cfg.loss.name), hparams,
-                                       group_size=cfg.rollout.group_size, use_ref=self.use_ref,
-                                       shardings=(self.param_shardings, opt_shardings), **kw)
-        self.score = make_scoring_fn(self.graphdef, **kw)
-        self.recompute_old_logp = components.recomputes_old_logp(cfg, self.model_cfg.dtype)
+    def _build_learner(self, params):
+        self.state: TrainState = self.plan.init_state(params)
+        self.update = self.plan.update_step(self.graphdef)
+        self.score = self.plan.scoring_fn(self.graphdef)
+
+    # The checkpoint holds the weights and the optimizer state; the reference weights are the initial ones.
+    params = property(lambda self: self.state.params,
+                      lambda self, value: setattr(self, "state", self.state.replace(params=value)))
+    opt_state = property(lambda self: self.state.opt_state,
+                         lambda self, value: setattr(self, "state", self.state.replace(opt_state=value)))
 
     def _build_rollout(self):
         cfg, r = self.cfg, self.cfg.rollout
-        stops = (stop_token_ids(self.model_path, self.tokenizer) if self.model_path else
-                 (self.tokenizer.eos_token_id,))
         self.reward_fn, self.verifier, self.pool = components.build_reward_fn(cfg)
-        sampling, self.eval_sampling = components.sampling_configs(cfg, stops)
-        self.sampler = Sampler(sampling, pad_id=self.tokenizer.pad_token_id, mesh=self.mesh, rules=shd.ROLLOUT_RULES)
+        self.eval_sampling = self.plan.eval_sampling
+        self.sampler = Sampler(self.plan.sampling, pad_id=self.tokenizer.pad_token_id, mesh=self.mesh,
+                               rules=shd.ROLLOUT_RULES)
         self.collector = RolloutCollector(self.sampler, self.tokenizer, self.reward_fn, group_size=r.group_size,
                                           prompts_per_call=r.prompts_per_call, mesh=self.mesh)
         self.eval_sampler = Sampler(self.eval_sampling, pad_id=self.tokenizer.pad_token_id, mesh=self.mesh,
@@ -164,10 +163,10 @@ class Trainer:
                                               max_rounds=cfg.rollout.max_sampling_rounds)
         del rollout_params  # the learner's programs run without the rollout view beside them
         t1 = time.perf_counter()
-        arrays = self._arrays(batch)
-        metrics = {**stats, **self._old_and_ref_logp(arrays, step)}
+        update_batch, scoring = self._old_and_ref_logp(self._update_batch(batch), step)
+        metrics = {**stats, **scoring}
         t2 = time.perf_counter()
-        metrics.update(self._updates(arrays))
+        metrics.update(self._updates(update_batch))
         t3 = time.perf_counter()
         metrics.update(_rollout_metrics(batch, cfg.rollout.group_size))
         tokens = float(batch.prompt_mask.sum() + batch.resp_mask.sum())
@@ -179,52 +178,60 @@ class Trainer:
                         "time/host": (t1 - t0) - sum(self.collector.timings.values())})
         return metrics
 
-    def _arrays(self, batch: Rollouts) -> dict[str, np.ndarray]:
-        loss_mask = batch.resp_mask * batch.finished[:, None] if self.cfg.rollout.overlong_filter else batch.resp_mask
-        return {"prompt_ids": batch.prompt_ids, "prompt_mask": batch.prompt_mask, "tokens": batch.tokens,
-                "resp_mask": batch.resp_mask, "loss_mask": loss_mask.astype(np.float32),
-                "old_logp": batch.old_logp, "rewards": batch.rewards}
+    def _update_batch(self, batch: Rollouts) -> UpdateBatch:
+        """The host batch as the learner reads it; the overlong filter drops truncated rows whole."""
+        keep = batch.finished if self.cfg.rollout.overlong_filter else np.ones_like(batch.finished)
+        return UpdateBatch(prompt_ids_BQ=batch.prompt_ids, prompt_mask_BQ=batch.prompt_mask, tokens_BA=batch.tokens,
+                           resp_mask_BA=batch.resp_mask, row_mask_B=keep.astype(np.float32),
+                           old_logp_BA=batch.old_logp, rewards_B=batch.rewards)
 
-    def _chunked(self, arrays: dict, chunks: int) -> dict:
-        """[rows, ...] -> [chunks, rows / chunks, ...] on the mesh (rows of a chunk are whole groups)."""
-        split = {k: v.reshape(chunks, -1, *v.shape[1:]) for k, v in arrays.items()}
-        return shd.put_batch(split, self.mesh, shd.TRAIN_RULES, axis=1)
+    def _place(self, batch: UpdateBatch, parts: int) -> UpdateBatch:
+        """[rows, ...] -> [parts, rows / parts, ...] on the mesh (each part is whole groups)."""
+        return shd.put_batch(batch.cut(parts), self.mesh, shd.TRAIN_RULES, axis=1)
 
-    def _old_and_ref_logp(self, arrays: dict, step: int) -> dict:
+    def _old_and_ref_logp(self, batch: UpdateBatch, step: int) -> tuple[UpdateBatch, dict]:
         """Recompute old log-probs when configured (or, to measure the mismatch, now and then); reference
         log-probs for GRPO's KL term."""
-        cfg, metrics = self.cfg, {}
-        chunks = components.scoring_chunks(cfg)
+        cfg, plan, metrics = self.cfg, self.plan, {}
         check = cfg.trainer.logp_check_every and step % cfg.trainer.logp_check_every == 0
-        if self.recompute_old_logp or check:
-            logp, _ = self.score(self.params, self._chunked(arrays, chunks))
-            logp = shd.to_host(logp).reshape(arrays["old_logp"].shape)
-            diff = np.abs(logp - arrays["old_logp"]) * arrays["resp_mask"]
+        if not (plan.recompute_old_logp or check or plan.use_ref):
+            return batch, metrics
+        placed = self._place(batch, plan.scoring_chunks)
+        shape, resp_mask = batch.old_logp_BA.shape, batch.resp_mask_BA
+        if plan.recompute_old_logp or check:
+            logp, _ = self.score(self.state.params, placed)
+            logp = shd.to_host(logp).reshape(shape)
+            diff = np.abs(logp - batch.old_logp_BA) * resp_mask
             metrics["logp_mismatch/max"] = float(diff.max())
-            metrics["logp_mismatch/mean"] = float(diff.sum() / max(arrays["resp_mask"].sum(), 1.0))
-            if self.recompute_old_logp:
-                arrays["old_logp"] = (logp * arrays["resp_mask"]).astype(np.float32)
-        if self.use_ref:
-            ref, _ = self.score(self.ref_params, self._chunked(arrays, chunks))
-            arrays["ref_logp"] = shd.to_host(ref).reshape(arrays["old_logp"].shape)
-        return metrics
+            metrics["logp_mismatch/mean"] = float(diff.sum() / max(resp_mask.sum(), 1.0))
+            if plan.recompute_old_logp:
+                batch = batch.replace(old_logp_BA=(logp * resp_mask).astype(np.float32))
+        if plan.use_ref:
+            ref, _ = self.score(self.state.ref_params, placed)
+            batch = batch.replace(ref_logp_BA=shd.to_host(ref).reshape(shape))
+        return batch, metrics
 
-    def _updates(self, arrays: dict) -> dict:
+    def _updates(self, batch: UpdateBatch) -> dict:
+        """``mini_batches`` optimizer updates, dispatched without waiting; the device is read once, after
+        the last. Metrics are exact over the step's rows and tokens (sums added, divided once)."""
         o = self.cfg.optim
-        per_update = arrays["rewards"].shape[0] // o.mini_batches
-        collected = []
+        per_update = batch.rows // o.mini_batches
+        pending = []
         for k in range(o.mini_batches):
-            mini = {name: v[k * per_update:(k + 1) * per_update] for name, v in arrays.items()}
-            self.params, self.opt_state, m = self.update(self.params, self.opt_state, self._chunked(mini, o.micro_batches))
-            collected.append(jax.device_get(m))
-            skipped = bool(collected[-1]["skipped"])
+            mini = batch.rows_slice(k * per_update, (k + 1) * per_update)
+            self.state, m = self.update(self.state, self._place(mini, o.micro_batches))
+            pending.append(m)
+        collected = jax.device_get(pending)
+        for m in collected:
+            skipped = bool(m["skipped"].total)
             self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
             self.skipped_total += int(skipped)
             if self.consecutive_skips >= o.max_bad_steps:
                 raise TrainingDiverged(f"{self.consecutive_skips} updates in a row had a non-finite loss or gradient "
-                                       f"(loss={collected[-1]['loss']}); parameters were left unchanged; aborting")
-        out = {k: float(np.mean([c[k] for c in collected])) for k in collected[0]}
-        out["skipped"] = float(sum(c["skipped"] for c in collected))
+                                       f"(loss={m['loss'].value}); parameters were left unchanged; aborting")
+        total = {k: functools.reduce(operator.add, (m[k] for m in collected)) for k in collected[0]}
+        out = {k: float(v.value) for k, v in total.items()}
+        out["skipped"] = float(total["skipped"].total)
         out["kl"] = out.get("kl_old_k3", 0.0)
         return out
 
@@ -235,7 +242,7 @@ class Trainer:
         t0 = time.perf_counter()
         model = nnx.merge(self.graphdef, self._rollout_view(self.params))
         e = self.cfg.eval
-        per_call = components.eval_prompts_per_call(self.cfg)
+        per_call = self.plan.eval_prompts_per_call
         # The same seed at every evaluation: the curve compares policies on the same random draws.
         result = evaluate(model, self.tokenizer, self.eval_data, sampling=self.eval_sampler, n=e.n,
                           seed=self.cfg.seed + 1, prompts_per_batch=per_call, verifier=self.verifier)
@@ -317,18 +324,6 @@ class Trainer:
         return bool(flags.any())
 
 
-def _opt_shardings(abstract_opt, param_shardings, mesh):
-    """Optimizer state laid out like the parameters it mirrors (Adam's mu and nu); scalars replicated."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    param_struct = jax.tree.structure(param_shardings)
-
-    def mirrors_params(node) -> bool:
-        return jax.tree.structure(node) == param_struct
-
-    return jax.tree.map(lambda node: param_shardings if mirrors_params(node) else replicated, abstract_opt,
-                        is_leaf=mirrors_params)
-
-
 def _memory_metrics() -> dict:
     """Peak device memory (GiB) where the backend reports it (GPU, TPU; not CPU)."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -347,18 +342,3 @@ def _rollout_metrics(batch: Rollouts, group_size: int) -> dict:
 
 def train(cfg: Config) -> dict:
     return Trainer(cfg).run()
-
-
-def _rollout_view_fn(model_cfg, rollout_shardings):
-    """The weights as rollouts read them: laid out by the rollout rules and stored in the compute dtype.
-
-    The model casts every weight to ``model.dtype`` before using it, so casting once here gives the same
-    numbers (the sampler's logprobs stay the trainer's own) while each decode step reads half the bytes of
-    fp32 master weights, and the rollout copy takes half the memory.
-    """
-    dt = jnp.dtype(model_cfg.dtype)
-
-    def view(params):
-        return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-
-    return jax.jit(view, out_shardings=rollout_shardings)

@@ -1,13 +1,15 @@
 """The learner: policy log-probs of rollouts, the jitted update step, and the optimizer.
 
-A rollout row is ``[prompt (left-padded, Tp) | response (N)]``. The response token ``j`` is predicted from
-the hidden state at ``Tp - 1 + j``, so the model reads ``Tp + N - 1`` tokens and log-probs come from the
+A rollout row is ``[prompt (left-padded, Q) | response (A)]``. The response token ``j`` is predicted from
+the hidden state at ``Q - 1 + j``, so the model reads ``Q + A - 1`` tokens and log-probs come from the
 tempered policy ``softmax(logits / T)`` that was sampled from (the released code's convention).
 
-One update = one mini-batch of whole groups, cut into micro-batches of whole groups whose gradients are
-averaged (``lax.scan``), so every objective's per-group normalisation holds for any micro-batch size:
-the mean over micro-batches of "sum over groups / groups" is the mean over the mini-batch's groups. A
-non-finite loss or gradient leaves parameters and optimizer state untouched and is reported.
+One update = one optimizer step over one mini-batch of whole groups (the paper's code does the same). A
+mini-batch may be cut into M micro-batches of whole groups (``lax.scan``) to bound memory. The cut never
+changes the result: every objective is a sum of terms over a parameter-free normaliser
+(``realjax.losses.LossTerms``), so the step adds the gradients of the micro-batches' *sums* and their
+normalisers, and divides once. The mini-batch's metrics are exact the same way. A non-finite loss or
+gradient leaves parameters and optimizer state untouched and is reported.
 """
 
 from __future__ import annotations
@@ -17,21 +19,19 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from realjax.losses import LossTerms, Mean
 from realjax.models.logprobs import token_logprobs
-
-# Loss metrics that add up over micro-batches; every other one is averaged.
-_SUMMED = ("valid_groups", "thresholds")
+from realjax.rl.batch import TrainState, UpdateBatch
 
 
-def policy_logprobs(model, batch, *, temperature: float, chunk_tokens: int):
-    """(logp [b, N], entropy [b, N]) of the response tokens under the tempered policy."""
-    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
-    tokens, resp_mask = batch["tokens"], batch["resp_mask"]
-    Tp = prompt_ids.shape[1]
-    ids = jnp.concatenate([prompt_ids, tokens[:, :-1]], axis=1)
-    mask = jnp.concatenate([prompt_mask, resp_mask[:, :-1]], axis=1).astype(bool)
-    h_BTD, _ = model.hidden_states(ids, mask_BT=mask)
-    return token_logprobs(model, h_BTD[:, Tp - 1:], tokens, temperature=temperature, chunk_tokens=chunk_tokens)
+def policy_logprobs(model, batch: UpdateBatch, *, temperature: float, chunk_tokens: int):
+    """(logp [B, A], entropy [B, A]) of the response tokens under the tempered policy."""
+    Q = batch.prompt_ids_BQ.shape[1]
+    ids_BT = jnp.concatenate([batch.prompt_ids_BQ, batch.tokens_BA[:, :-1]], axis=1)
+    mask_BT = jnp.concatenate([batch.prompt_mask_BQ, batch.resp_mask_BA[:, :-1]], axis=1).astype(bool)
+    h_BTD, _ = model.hidden_states(ids_BT, mask_BT=mask_BT)
+    return token_logprobs(model, h_BTD[:, Q - 1:], batch.tokens_BA, temperature=temperature,
+                          chunk_tokens=chunk_tokens)
 
 
 def make_optimizer(lr: float, *, weight_decay: float, grad_clip: float, b1: float, b2: float, eps: float,
@@ -51,41 +51,54 @@ def make_optimizer(lr: float, *, weight_decay: float, grad_clip: float, b1: floa
                        optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
 
 
-def make_update_step(graphdef, optimizer, loss_fn, hparams: dict, *, group_size: int, temperature: float,
-                     chunk_tokens: int, use_ref: bool = False, shardings=None):
-    """The jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)``.
+def batch_terms(model, batch: UpdateBatch, terms_fn, hparams: dict, *, group_size: int, temperature: float,
+                chunk_tokens: int) -> LossTerms:
+    """The objective's terms on one (micro-)batch, with the policy's entropy over the kept tokens."""
+    logp, entropy = policy_logprobs(model, batch, temperature=temperature, chunk_tokens=chunk_tokens)
+    kw = dict(hparams) if batch.ref_logp_BA is None else dict(hparams, ref_logp=batch.ref_logp_BA)
+    terms = terms_fn(logp, batch.old_logp_BA, batch.resp_mask_BA, batch.rewards_B, group_size=group_size,
+                     row_mask=batch.row_mask_B, **kw)
+    m_BA = batch.resp_mask_BA * batch.row_mask_B[:, None]
+    entropy = Mean(jnp.sum(entropy * m_BA), jnp.sum(m_BA))
+    return LossTerms(terms.loss_sum, {**terms.means, "entropy": entropy}, terms.counts)
 
-    ``batch`` leaves are ``[micro_batches, rows, ...]`` (rows a multiple of ``group_size``) with keys
-    ``prompt_ids, prompt_mask, tokens, resp_mask, loss_mask, old_logp, rewards`` (+ ``ref_logp``).
-    ``shardings``: (param shardings, optimizer-state shardings) to keep the layout across steps.
+
+def make_update_step(graphdef, optimizer, terms_fn, hparams: dict, *, group_size: int, temperature: float,
+                     chunk_tokens: int, shardings: TrainState | None = None):
+    """The jitted ``(state: TrainState, batch: UpdateBatch) -> (state, metrics: dict[str, Mean])``.
+
+    ``batch`` leaves are ``[M, rows, ...]``: M micro-batches of whole groups (``rows`` a multiple of
+    ``group_size``). ``terms_fn`` is a ``realjax.losses.TERMS`` entry. The metrics are :class:`Mean`\\ s so
+    that the caller can add those of several updates and divide once; counters (valid groups, skipped
+    updates) are per-update means. ``shardings``: the state's shardings, kept across steps.
     """
 
-    def micro_loss(params, mb):
-        model = nnx.merge(graphdef, params)
-        logp, entropy = policy_logprobs(model, mb, temperature=temperature, chunk_tokens=chunk_tokens)
-        kw = dict(hparams, ref_logp=mb["ref_logp"]) if use_ref else hparams
-        loss, metrics = loss_fn(logp, mb["old_logp"], mb["loss_mask"], mb["rewards"], group_size=group_size, **kw)
-        m = mb["loss_mask"]
-        metrics = dict(metrics, loss=loss, entropy=jnp.sum(entropy * m) / jnp.maximum(jnp.sum(m), 1.0))
-        return loss, metrics
+    def micro(params, mb: UpdateBatch):
+        terms = batch_terms(nnx.merge(graphdef, params), mb, terms_fn, hparams, group_size=group_size,
+                            temperature=temperature, chunk_tokens=chunk_tokens)
+        return terms.loss_sum.total, terms
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    grad_fn = jax.grad(micro, has_aux=True)
 
-    def step(params, opt_state, batch):
-        def accumulate(grads, mb):
-            (_, metrics), g = grad_fn(params, mb)
-            return jax.tree.map(jnp.add, grads, g), metrics
-
+    def step(state: TrainState, batch: UpdateBatch):
+        params = state.params
         n = jax.tree.leaves(batch)[0].shape[0]
         if n == 1:  # one micro-batch: no accumulator to fill and add to
-            (_, metrics), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+            grads, terms = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
         else:
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            grads, per_micro = jax.lax.scan(accumulate, zeros, batch)
-            grads = jax.tree.map(lambda g: g / n, grads)
-            metrics = {k: jnp.sum(v) if k in _SUMMED else jnp.mean(v) for k, v in per_micro.items()}
+            def accumulate(carry, mb):
+                grads, terms = grad_fn(params, mb)
+                return jax.tree.map(jnp.add, carry, (grads, terms)), None
+
+            # Zeros of the (gradients, terms) structure; one copy of the backward program, inside the scan.
+            shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], batch))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grads, terms), _ = jax.lax.scan(accumulate, zeros, batch)
+        # Divide once by the whole mini-batch's normaliser (parameter-free, so this is its exact gradient).
+        weight = terms.loss_sum.weight
+        grads = jax.tree.map(lambda g: g / jnp.where(weight > 0, weight, 1.0).astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        ok = jnp.isfinite(terms.loss_sum.value) & jnp.isfinite(grad_norm)
 
         def apply(params, opt_state, grads):
             updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -93,20 +106,22 @@ def make_update_step(graphdef, optimizer, loss_fn, hparams: dict, *, group_size:
 
         # A non-finite loss or gradient skips the update: a branch, not a select over every parameter and
         # moment (three extra passes over the whole state on a CPU).
-        new_params, new_opt_state = jax.lax.cond(ok, apply, lambda p, o, g: (p, o), params, opt_state, grads)
-        metrics.update(grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32))
-        return new_params, new_opt_state, metrics
+        new_params, new_opt = jax.lax.cond(ok, apply, lambda p, o, g: (p, o), params, state.opt_state, grads)
+        one = jnp.float32(1.0)
+        metrics = {"loss": terms.loss_sum, **terms.means, **{k: Mean(v, one) for k, v in terms.counts.items()},
+                   "grad_norm": Mean(grad_norm, one), "skipped": Mean((~ok).astype(jnp.float32), one)}
+        return state.replace(params=new_params, opt_state=new_opt), metrics
 
-    out_shardings = None if shardings is None else (shardings[0], shardings[1], None)
-    # Parameters and optimizer state are replaced every step: donate them so XLA updates in place.
-    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+    out_shardings = None if shardings is None else (shardings, None)
+    # The state is replaced every step: donate it so XLA updates in place.
+    return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
 
 
 def make_scoring_fn(graphdef, *, temperature: float, chunk_tokens: int):
-    """Jitted ``(params, batch) -> (logp, entropy)`` over ``[chunks, rows, ...]`` batches, no gradient:
-    the old-policy or reference log-probs, one chunk of rows at a time."""
+    """Jitted ``(params, batch: UpdateBatch [M, rows, ...]) -> (logp, entropy)`` without gradient: the
+    old-policy or reference log-probs, one chunk of rows at a time."""
 
-    def score(params, batch):
+    def score(params, batch: UpdateBatch):
         model = nnx.merge(graphdef, params)
         return jax.lax.map(lambda mb: policy_logprobs(model, mb, temperature=temperature,
                                                       chunk_tokens=chunk_tokens), batch)

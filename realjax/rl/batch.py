@@ -1,0 +1,83 @@
+"""The learner's typed pytrees: the update batch and the train state.
+
+Axis letters (``realjax/__init__.py``): B rows, Q prompt tokens, A response tokens, M micro-batches (or
+scoring chunks) stacked in front of B when a batch is cut for the learner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class UpdateBatch:
+    """Scored rollouts as the learner reads them, rows prompt-major in whole groups.
+
+    A row is ``[prompt (left-padded, Q) | response (A)]``. ``row_mask_B`` is 1.0 for rows that take part
+    in the loss and 0.0 for rows dropped whole (DAPO's overlong filter drops truncated responses).
+    ``sampler_logp_BA`` is what the sampler reported; ``old_logp_BA`` the log-probs the loss uses as the
+    old policy (the sampler's, or a recomputation); ``ref_logp_BA`` is set only for objectives with a
+    reference-KL term.
+    """
+
+    prompt_ids_BQ: Any  # int32
+    prompt_mask_BQ: Any  # int32
+    tokens_BA: Any  # int32
+    resp_mask_BA: Any  # float32: response tokens, the stop token included
+    row_mask_B: Any  # float32
+    old_logp_BA: Any  # float32
+    rewards_B: Any  # float32
+    ref_logp_BA: Any = None  # float32 or None
+
+    @property
+    def rows(self) -> int:
+        return self.rewards_B.shape[-1]
+
+    def rows_slice(self, start: int, stop: int) -> "UpdateBatch":
+        """Rows [start, stop) of a host batch."""
+        return jax.tree.map(lambda x: x[start:stop], self)
+
+    def cut(self, parts: int) -> "UpdateBatch":
+        """[B, ...] -> [parts, B / parts, ...] (host arrays; each part is whole groups when B / parts is)."""
+        if self.rows % parts:
+            raise ValueError(f"{self.rows} rows do not cut into {parts} equal parts")
+        return jax.tree.map(lambda x: np.asarray(x).reshape(parts, -1, *np.shape(x)[1:]), self)
+
+    def replace(self, **fields) -> "UpdateBatch":
+        return dataclasses.replace(self, **fields)
+
+    @classmethod
+    def spec(cls, lead: tuple[int, ...], prompt_len: int, response_len: int, *, with_ref: bool,
+             sharding=None) -> "UpdateBatch":
+        """The abstract batch (``jax.ShapeDtypeStruct`` leaves) with leading dims ``lead``; ``sharding``
+        maps a shape to the leaf's sharding (AOT compiles)."""
+        import jax.numpy as jnp
+
+        def leaf(tail, dtype):
+            shape = tuple(lead) + tail
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(shape) if sharding else None)
+
+        q, a = (prompt_len,), (response_len,)
+        return cls(prompt_ids_BQ=leaf(q, jnp.int32), prompt_mask_BQ=leaf(q, jnp.int32), tokens_BA=leaf(a, jnp.int32),
+                   resp_mask_BA=leaf(a, jnp.float32), row_mask_B=leaf((), jnp.float32),
+                   old_logp_BA=leaf(a, jnp.float32), rewards_B=leaf((), jnp.float32),
+                   ref_logp_BA=leaf(a, jnp.float32) if with_ref else None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What the learner carries from update to update: the weights, the optimizer state and, for
+    objectives with a reference-KL term, the frozen reference weights (None otherwise)."""
+
+    params: Any
+    opt_state: Any
+    ref_params: Any = None
+
+    def replace(self, **fields) -> "TrainState":
+        return dataclasses.replace(self, **fields)

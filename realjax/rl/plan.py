@@ -1,0 +1,164 @@
+"""The run plan: every learner and sampler decision of a run, made once from the config and the mesh.
+
+``Trainer``, ``realjax compile`` (which must model the very programs a run executes) and ``realjax bench``
+all build their programs from a :class:`RunPlan`, so a decision (which optimizer, which layouts, whether
+old log-probs are recomputed, how a batch is cut) lives in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from realjax import sharding as shd
+from realjax.config import Config, ConfigError
+from realjax.losses import get_terms
+from realjax.rl.batch import TrainState
+from realjax.rl.update import make_optimizer, make_scoring_fn, make_update_step
+from realjax.sampling import SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a run's programs are, decided once (see :func:`make_plan`)."""
+
+    cfg: Config
+    mesh: Mesh
+    compute_dtype: str
+    optimizer: Any  # optax.GradientTransformation; its schedule counts optimizer updates
+    state_shardings: TrainState  # params (TRAIN_RULES), optimizer state like the params it mirrors, reference
+    rollout_shardings: Any  # the weights as rollouts read them (ROLLOUT_RULES)
+    sampling: SamplingConfig  # rollouts
+    eval_sampling: SamplingConfig
+    loss_hparams: dict[str, Any]  # the objective's own hyper-parameters (others' keys in the config are ignored)
+    use_ref: bool  # GRPO with a KL term keeps frozen reference weights and scores the batch under them
+    recompute_old_logp: bool  # one scoring pass recomputes old log-probs before the updates
+    scoring_chunks: int  # row chunks of a scoring pass (one micro-batch's rows each)
+    eval_prompts_per_call: int  # prompts per evaluation sampler call (``eval.n`` rows each)
+
+    @property
+    def group_size(self) -> int:
+        return self.cfg.rollout.group_size
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
+
+    @property
+    def rows_per_micro_batch(self) -> int:
+        o = self.cfg.optim
+        return self.rows_per_step // (o.mini_batches * o.micro_batches)
+
+    def _learner_kw(self) -> dict:
+        return dict(temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.model.logprob_chunk_tokens)
+
+    def update_step(self, graphdef):
+        """The jitted ``(TrainState, UpdateBatch [M, rows, ...]) -> (TrainState, metrics)``."""
+        return make_update_step(graphdef, self.optimizer, get_terms(self.cfg.loss.name), self.loss_hparams,
+                                group_size=self.group_size, shardings=self.state_shardings, **self._learner_kw())
+
+    def scoring_fn(self, graphdef):
+        """The jitted ``(params, UpdateBatch [chunks, rows, ...]) -> (logp, entropy)``."""
+        return make_scoring_fn(graphdef, **self._learner_kw())
+
+    @functools.cached_property
+    def rollout_view(self):
+        """Jitted ``params -> rollout params``: laid out by the rollout rules and stored in the compute dtype.
+
+        The model casts every weight to ``model.dtype`` before using it, so casting once here gives the
+        same numbers (the sampler's log-probs stay the trainer's own) while each decode step reads half the
+        bytes of fp32 master weights, and the rollout copy takes half the memory.
+        """
+        dt = jnp.dtype(self.compute_dtype)
+
+        def view(params):
+            return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+        return jax.jit(view, out_shardings=self.rollout_shardings)
+
+    def init_state(self, params) -> TrainState:
+        """The train state around ``params`` (already laid out by ``state_shardings.params``)."""
+        opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
+        ref = jax.tree.map(jnp.copy, params) if self.use_ref else None
+        return TrainState(params, opt_state, ref)
+
+    def batch_sharding(self, shape: tuple[int, ...]):
+        """Sharding of an ``UpdateBatch`` leaf ``[M, rows, ...]``: rows over the batch mesh axes."""
+        return shd.batch_sharding(self.mesh, shape, shd.TRAIN_RULES, axis=1)
+
+
+def make_plan(cfg: Config, mesh: Mesh, *, compute_dtype: str, abstract_params, stop_ids: tuple[int, ...]) -> RunPlan:
+    """Decide everything from ``cfg``, the mesh and the weights' (abstract) state; checks the settings that
+    depend on the mesh (``ConfigError`` naming the key), so they fail before any step."""
+    _check_mesh_divides(cfg, mesh)
+    o, r, e = cfg.optim, cfg.rollout, cfg.eval
+    optimizer = make_optimizer(o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2,
+                               eps=o.eps, schedule=o.schedule, warmup_updates=o.warmup_steps * o.mini_batches,
+                               total_updates=cfg.trainer.steps * o.mini_batches)
+    param_sh = shd.state_shardings(abstract_params, mesh, shd.TRAIN_RULES)
+    opt_sh = opt_state_shardings(jax.eval_shape(optimizer.init, abstract_params), param_sh, mesh)
+    hparams = cfg.loss.hparams()
+    use_ref = cfg.loss.name == "grpo" and hparams.get("kl_coef", 0.0) > 0
+    # auto: the sampler's incremental numbers equal a full forward pass only in fp32.
+    recompute = r.old_logp == "recompute" or (r.old_logp == "auto" and compute_dtype != "float32")
+    rollout = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                             top_k=r.top_k, stop_ids=stop_ids, window_tokens=r.window_tokens)
+    evaluation = SamplingConfig(max_new_tokens=e.max_new_tokens or r.max_new_tokens, temperature=e.temperature,
+                                top_p=e.top_p, top_k=e.top_k, stop_ids=stop_ids, window_tokens=r.window_tokens)
+    return RunPlan(cfg=cfg, mesh=mesh, compute_dtype=compute_dtype, optimizer=optimizer,
+                   state_shardings=TrainState(param_sh, opt_sh, param_sh if use_ref else None),
+                   rollout_shardings=shd.state_shardings(abstract_params, mesh, shd.ROLLOUT_RULES),
+                   sampling=rollout, eval_sampling=evaluation, loss_hparams=hparams, use_ref=use_ref,
+                   recompute_old_logp=recompute, scoring_chunks=o.mini_batches * o.micro_batches,
+                   eval_prompts_per_call=eval_prompts_per_call(cfg))
+
+
+def eval_prompts_per_call(cfg: Config) -> int:
+    return cfg.eval.prompts_per_call or cfg.rollout.prompts_per_call or 8
+
+
+def opt_state_shardings(abstract_opt, param_shardings, mesh: Mesh):
+    """Optimizer state laid out like the parameters it mirrors (Adam's mu and nu); scalars replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_struct = jax.tree.structure(param_shardings)
+
+    def mirrors_params(node) -> bool:
+        return jax.tree.structure(node) == param_struct
+
+    return jax.tree.map(lambda node: param_shardings if mirrors_params(node) else replicated, abstract_opt,
+                        is_leaf=mirrors_params)
+
+
+def _check_mesh_divides(cfg: Config, mesh: Mesh) -> None:
+    """Every batch the run places must split evenly over the devices that share its rows."""
+    r, o = cfg.rollout, cfg.optim
+    train_devices = shd.batch_rows_multiple(mesh, shd.TRAIN_RULES)
+    rollout_devices = shd.batch_rows_multiple(mesh, shd.ROLLOUT_RULES)
+    rows = r.prompts_per_step * r.group_size
+    micro = rows // (o.mini_batches * o.micro_batches)
+    if micro % train_devices:
+        raise ConfigError(f"rollout.prompts_per_step x rollout.group_size = {rows} rows cut into optim.mini_batches="
+                          f"{o.mini_batches} x optim.micro_batches={o.micro_batches} leaves {micro} rows per "
+                          f"micro-batch, not a multiple of the {train_devices} data-parallel devices of the mesh")
+    per_call = r.prompts_per_call or r.prompts_per_step
+    if per_call % rollout_devices:
+        key = "rollout.prompts_per_call" if r.prompts_per_call else "rollout.prompts_per_step"
+        raise ConfigError(f"{key}={per_call} prompts per sampler call is not a multiple of the {rollout_devices} "
+                          "data-parallel devices of the mesh")
+    eval_call = eval_prompts_per_call(cfg)
+    if cfg.data.eval and eval_call % rollout_devices:
+        raise ConfigError(f"eval.prompts_per_call: {eval_call} prompts per evaluation call is not a multiple of the "
+                          f"{rollout_devices} data-parallel devices of the mesh")
+    n = jax.process_count()
+    if per_call % n:
+        raise ConfigError(f"{per_call} prompts per sampler call do not split over {n} processes")
+    # Each process feeds the p-th block of a call's prompts; the mesh must place them there.
+    blocks = shd.process_row_blocks(mesh, per_call, shd.ROLLOUT_RULES)
+    want = {p: (p * per_call // n, (p + 1) * per_call // n) for p in range(n)}
+    if n > 1 and blocks != want:
+        raise shd.ShardingError(f"the mesh places processes' rows at {blocks}, not in process order {want}")
