@@ -47,8 +47,8 @@ EXTRACT_CASES = [
     (r"\boxed{1} then \boxed{2}", False, "2"),  # last box wins
     (r"\boxed{\frac{1}{2}}", False, r"\frac{1}{2}"),
     (r"\boxed{\{1,2\}}", False, r"\{1,2\}"),  # escaped braces are not structure
-    (r"\fbox{7}", False, "7"),
-    (r"\boxed{1} \fbox{8}", False, "8"),
+    (r"\fbox{7}", False, None),  # the official extract_answer never accepts \fbox
+    (r"\boxed{1} \fbox{8}", False, "1"),  # ... nor lets it compete with \boxed
     (r"the answer is \boxed 5.", False, "5"),
     (r"$\boxed 42$", False, "42"),
     (r"<think>\boxed{1}</think> then \boxed{2}", False, "2"),
@@ -133,6 +133,37 @@ EQUIV_CASES = [
     ("a", "b", 0.0),
     (r"\text{(A)}", "A", 1.0),
     ("5", r"\boxed{5}", 1.0),  # ground truths holding a box are extracted first
+    # Base subscripts (MATH500 writes six answers in a base): the base must match, a bare number never does.
+    ("52_8", "52_8", 1.0),
+    ("52_{8}", "52_8", 1.0),
+    ("052_{(8)}", "52_8", 1.0),
+    (r"\text{52}_{8}", "52_8", 1.0),
+    ("52_{9}", "52_8", 0.0),  # math-verify drops the subscript: it said 1.0
+    ("52", "52_8", 0.0),  # the digits without their base: math-verify said 1.0
+    ("42", "52_8", 0.0),  # the value in base 10 answers another question (the official reward agrees)
+    ("528", "52_8", 0.0),  # the official reward reads 52_8 as the Python literal 528; not copied
+    ("4210_5", "4210_{5}", 1.0),
+    ("4210_{5}", "4211_{5}", 0.0),
+    ("59_8", "52_8", 0.0),  # 9 is no base-8 digit
+    ("42_{10}", "42", 1.0),  # base 10 is the bare number
+    ("42", ["52_8", "42"], 1.0),  # any element of a list ground truth
+    ("x_1", "x_{1}", 1.0),  # a subscripted variable is no numeral: math-verify decides
+    # Small magnitudes compare relatively (math-verify's absolute tolerance said 1.0 to the 0.0 rows).
+    (r"1.6 \times 10^{-18}", r"8.224 \times 10^{-19}", 0.0),
+    (r"8.2 \times 10^{-19}", [r"8.224 \times 10^{-19}", "8.224 \\times 10^{-19}\n"], 0.0),
+    (r"8.224 \cdot 10^{-19}", r"8.224 \times 10^{-19}", 1.0),
+    (r"0.8224 \times 10^{-18}", r"8.224 \times 10^{-19}", 1.0),
+    (r"8.22400 \times 10^{-19}", [r"8.224 \times 10^{-19}"], 1.0),
+    (r"2.78 \times 10^{-6}", r"2.7778 \times 10^{-6}", 0.0),
+    (r"10^{-3}", r"1 \times 10^{-3}", 1.0),
+    ("0.0000001", "0.0000002", 0.0),
+    ("0.0000001", r"10^{-7}", 1.0),
+    ("0", r"10^{-20}", 0.0),
+    # ... and nothing changes where math-verify's own rule is the tighter one.
+    ("0.333333", r"\frac{1}{3}", 1.0),
+    (r"\sqrt{2}", "1.414214", 1.0),
+    (r"50\%", "50", 1.0),
+    ("0.5", r"50\%", 1.0),
 ]
 
 
@@ -161,6 +192,31 @@ def test_fast_equal():
     assert equivalence.fast_equal("0.50", ".5") is True
     assert equivalence.fast_equal("0.333333", "0.3333333") is None  # math-verify's rounding decides
     assert equivalence.fast_equal(r"\frac{1}{2}", "0.5") is None
+    # Based numerals are decided in the parent, both ways.
+    assert equivalence.fast_equal("52_{8}", "52_8") is True
+    assert equivalence.fast_equal("52", "52_8") is False and equivalence.fast_equal("52_8", "52") is False
+    assert equivalence.fast_equal("4A_{16}", "74") is False and equivalence.fast_equal("4A_{16}", "74_{10}") is False
+    assert equivalence.fast_equal("42_{10}", r"\frac{84}{2}") is None  # base 10 against a non-integer: math-verify
+
+
+@pytest.mark.parametrize(
+    "answer,expected",
+    [("52_8", (42, 8)), ("52_{8}", (42, 8)), ("52_{(8)}", (42, 8)), ("(52)_8", (42, 8)), ("-52_8", (-42, 8)),
+     (r"\text{4A}_{\text{16}}", (74, 16)), ("10001_2", (17, 2)), ("42_{10}", (42, 10)), ("52 _ { 8 }", (42, 8)),
+     ("59_8", None), ("52_1", None), ("52_{37}", None), ("x_1", None), ("a_{12}", None), ("52", None),
+     ("52_8+1", None), ("1" * 2000 + "_2", None)],
+)
+def test_based_numeral(answer, expected):
+    assert equivalence.based_numeral(answer) == expected
+
+
+def test_small_magnitudes_in_process():
+    # The same rule without the pool, where a failure points at equivalence.py directly.
+    gold = [r"8.224 \times 10^{-19}"]
+    assert equivalence.verify_equivalent(r"8.224 \times 10^{-19}", gold)
+    assert not equivalence.verify_equivalent(r"1.6 \times 10^{-18}", gold)
+    assert not equivalence.verify_equivalent(r"8.23 \times 10^{-19}", gold)
+    assert equivalence.verify_equivalent(r"8.22401 \times 10^{-19}", gold)  # within REL_TOL (1.2e-6)
 
 
 def test_think_and_require_think(pool):
