@@ -219,6 +219,39 @@ def test_small_magnitudes_in_process():
     assert equivalence.verify_equivalent(r"8.22401 \times 10^{-19}", gold)  # within REL_TOL (1.2e-6)
 
 
+# ------------------------------------------------------------------------------------------ vote keys
+
+VOTE_GROUPS = [
+    # Each inner list votes together; no two lists share a key.
+    ["0.5", "1/2", r"\frac{1}{2}", r"\dfrac12", r"\tfrac{1}{2}", " 1 / 2 ", "$0.50$"],
+    ["7", "007", "7.0", "+7", r"7_{10}"],
+    ["-3/4", r"-\frac{3}{4}", "-0.75"],
+    ["52_8", "52_{8}", "052_{(8)}", r"\text{52}_8"],
+    ["42"],  # 52_8's value, in another base: another answer
+    ["52_{9}"],
+    [r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})", r"\left(3,\,\dfrac{\pi}{2}\right)"],
+    [r"2\sqrt{2}"],  # equal in value to \sqrt{8}, but only rationals are grouped by value
+    [r"\sqrt{8}"],
+    [r"\leftarrow"],  # \left is dropped only as a whole command
+    ["1/0"],
+]
+
+
+def test_vote_keys_group_equal_spellings():
+    keys = [{rewards.vote_key(a) for a in group} for group in VOTE_GROUPS]
+    assert all(len(k) == 1 and None not in k for k in keys), keys
+    assert len(set.union(*keys)) == len(VOTE_GROUPS)
+
+
+def test_vote_key_abstains_and_extracts_like_the_verifier():
+    assert rewards.vote_key(None) is None and rewards.vote_key("  $ $ ") is None
+    assert rewards.answer_key(boxed(r"\frac{1}{2}")) == rewards.answer_key(r"so \boxed{0.5}") == "1/2"
+    assert rewards.answer_key("no box") is None and rewards.answer_key(r"\fbox{3}") is None
+    assert rewards.answer_key(r"\boxed{3}") == "3" and rewards.answer_key(r"\boxed{3}", require_think=True) is None
+    long = "1" * 2000
+    assert rewards.vote_key(long) == long  # too long to read as a number: voted by spelling
+
+
 def test_think_and_require_think(pool):
     completions = [r"<think>\boxed{5}</think> so four", r"\boxed{5}", r"<think>hm</think>\boxed{5}"]
     assert pool.score(completions, ["5"] * 3) == [0.0, 1.0, 1.0]
