@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import ast
 import operator
+import os
 import re
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,6 +281,52 @@ def test_package_import_stays_light():
     # Workers import realjax.rewards; JAX or sympy at import time would cost every worker seconds.
     code = "import sys, realjax.rewards; assert not {'jax', 'sympy', 'math_verify'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ------------------------------------------------------------------------------------------ paper eval sets
+
+PAPER_DATA = Path(os.environ.get("REALJAX_PAPER_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "paper"))
+EVAL_SETS = ("aime", "aime25", "amc", "math", "minerva", "olympiad_bench")
+
+
+def _rewrites(gt: str):
+    """(answer, expected score) built from one ground-truth string: the answer itself and spellings of it
+    that must pass; near misses of base-b and small scientific-notation answers that must not."""
+    s = gt.strip().strip("$").strip()
+    yield s, 1.0
+    if m := re.fullmatch(r"([\d.]+) *\\times *10\^\{(-?\d+)\}", s):
+        mantissa, exponent = m.groups()
+        yield rf"{mantissa} \cdot 10^{{{exponent}}}", 1.0
+        yield rf"{mantissa} \times 10^{{{int(exponent) + 1}}}", 0.0
+        yield rf"{float(mantissa) * 2:g} \times 10^{{{exponent}}}", 0.0
+    if m := re.fullmatch(r"([0-9A-Z]+)_\{?(\d+)\}?", s):
+        digits, base = m.groups()
+        yield rf"{digits}_{{({base})}}", 1.0
+        yield digits, 0.0
+        yield rf"{digits}_{{{int(base) + 1}}}", 0.0
+        yield str(int(digits, int(base))), 0.0
+    if m := re.fullmatch(r"\\frac\{(\d+)\}\{(\d+)\}", s):
+        yield f"{m[1]}/{m[2]}", 1.0
+        yield rf"\dfrac{{{m[1]}}}{{{m[2]}}}", 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (PAPER_DATA / "math.parquet").is_file(), reason=f"no paper data at {PAPER_DATA}")
+def test_paper_ground_truths_pass_and_their_near_misses_fail(pool):
+    """Every eval-set ground truth passes as its own answer and in other spellings, so a verifier change
+    rejects no right answer of the paper's benchmarks; the base and small-magnitude near misses fail."""
+    from realjax import data
+
+    cases = []
+    for name in EVAL_SETS:
+        for row in data.load_rows(str(PAPER_DATA / f"{name}.parquet"))[0]:
+            gt = row["ground_truth"]
+            for element in ground_truth_answers(gt):
+                cases += [(name, answer, gt, expected) for answer, expected in _rewrites(element)]
+    scores = pool.score([boxed(answer) for _, answer, _, _ in cases], [gt for _, _, gt, _ in cases])
+    wrong = [(name, answer, gt, expected) for (name, answer, gt, expected), score in zip(cases, scores)
+             if score != expected]
+    assert len(cases) > 1900 and not wrong, wrong[:20]
 
 
 # ------------------------------------------------------------------------------------------ adversarial
