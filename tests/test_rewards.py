@@ -150,6 +150,7 @@ EQUIV_CASES = [
     ("42_{10}", "42", 1.0),  # base 10 is the bare number
     ("42", ["52_8", "42"], 1.0),  # any element of a list ground truth
     ("x_1", "x_{1}", 1.0),  # a subscripted variable is no numeral: math-verify decides
+    ("n=52_8", "52_8", 1.0),  # the short "n =" that plain answers may carry too
     # Small magnitudes compare relatively (math-verify's absolute tolerance said 1.0 to the 0.0 rows).
     (r"1.6 \times 10^{-18}", r"8.224 \times 10^{-19}", 0.0),
     (r"8.2 \times 10^{-19}", [r"8.224 \times 10^{-19}", "8.224 \\times 10^{-19}\n"], 0.0),
@@ -206,7 +207,7 @@ def test_fast_equal():
     [("52_8", (42, 8)), ("52_{8}", (42, 8)), ("52_{(8)}", (42, 8)), ("(52)_8", (42, 8)), ("-52_8", (-42, 8)),
      (r"\text{4A}_{\text{16}}", (74, 16)), ("10001_2", (17, 2)), ("42_{10}", (42, 10)), ("52 _ { 8 }", (42, 8)),
      ("59_8", None), ("52_1", None), ("52_{37}", None), ("x_1", None), ("a_{12}", None), ("52", None),
-     ("52_8+1", None), ("1" * 2000 + "_2", None)],
+     ("52_8+1", None), ("1" * 2000 + "_2", None), ("N = 52_8", (42, 8)), ("abc=52_8", None)],
 )
 def test_based_numeral(answer, expected):
     assert equivalence.based_numeral(answer) == expected

@@ -49,9 +49,10 @@ from decimal import Decimal, InvalidOperation
 
 _INT_RE = re.compile(r"[+-]?\d+")
 _DEC_RE = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+)")
-# A numeral with a base subscript, on a normalised answer: 52_8, 52_{8}, 52_{(8)}, (52)_8, 4A_{16}.
-# Digits above 9 are upper-case letters and a digit must appear, so x_1 or b_{12} are not numerals.
-_BASED_RE = re.compile(r"(?P<sign>[+-]?)\(?(?P<digits>(?=[0-9A-Z]*[0-9])[0-9A-Z]+)\)?"
+# A numeral with a base subscript, on a normalised answer: 52_8, 52_{8}, 52_{(8)}, (52)_8, 4A_{16}, and
+# with a short "n=" in front as math-verify (and the official mathd) accept for plain answers. Digits
+# above 9 are upper-case letters and a digit must appear, so x_1 or b_{12} are not numerals.
+_BASED_RE = re.compile(r"(?:[A-Za-z]{1,2}=)?(?P<sign>[+-]?)\(?(?P<digits>(?=[0-9A-Z]*[0-9])[0-9A-Z]+)\)?"
                        r"_(?:\{\(?(?P<braced>\d+)\)?\}|\(?(?P<bare>\d+)\)?)")
 _TEXT_WRAP_RE = re.compile(r"\\(?:text|mathrm)\{([0-9A-Z()]+)\}")
 REL_TOL = 1e-5  # small magnitudes: module docstring
