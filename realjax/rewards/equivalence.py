@@ -162,11 +162,10 @@ def _parse(s: str, timeout_s: int):
 
 def _real_constant(parsed):
     """The value of a math-verify parse that is one real constant (a 30-digit sympy Float), else None;
-    percentages (``50\\%``, whose realness sympy leaves open) and infinities are not."""
-    from sympy import Basic
-
+    percentages (``50\\%``, whose realness sympy leaves open) and infinities are not. Duck-typed: sympy
+    is math-verify's dependency, not ours, and a parse also holds plain strings."""
     expr = parsed[0] if parsed else None
-    if not isinstance(expr, Basic) or not expr.is_number or expr.is_real is not True:
+    if getattr(expr, "is_number", False) is not True or getattr(expr, "is_real", None) is not True:
         return None
     value = expr.evalf(30)
     return value if value.is_finite else None
