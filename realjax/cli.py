@@ -59,7 +59,7 @@ def _add_sample(sub):
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="Pass@1 (mean over n samples) and Pass@k per dataset: a table and JSON")
+    p = sub.add_parser("eval", help="Pass@1 (mean over n samples), Pass@k and maj@k per dataset: a table and JSON")
     p.add_argument("--model", required=True, help="local HF model directory")
     p.add_argument("--data", required=True, help="comma-separated data specs, e.g. aime.parquet,math.parquet")
     p.add_argument("--n", type=int, default=16, help="samples per problem (paper: 16)")
@@ -70,7 +70,7 @@ def _add_eval(sub):
     p.add_argument("--max-prompt-tokens", type=int, default=1536,
                    help="longer prompts are dropped and counted (verl generation default: 1536)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--k", help="comma-separated Pass@k budgets, each <= n (default: 1,n)")
+    p.add_argument("--k", help="comma-separated Pass@k budgets, each <= n (default: 1,n); each k > 1 adds maj@k")
     p.add_argument("--limit", type=int, default=0, help="first N problems of each dataset (0 = all)")
     p.add_argument("--batch-prompts", type=int, default=8, help="prompts per sampler call")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU/TPU), float32, bfloat16")

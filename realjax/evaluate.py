@@ -1,10 +1,12 @@
-"""The evaluation protocol behind the paper's tables: Pass@1 averaged over n samples, and Pass@k.
+"""The evaluation protocol behind the paper's tables: Pass@1 averaged over n samples, Pass@k and maj@k.
 
 For each problem we draw ``n`` completions (the paper: n=16, temperature 0.6, top-p 0.95, up to 8192
 new tokens), score each 1.0 / 0.0 with the verifier, and report per dataset
 
 * ``pass@1``: mean over problems of the fraction of correct samples (verl's avg@16, the tables' number);
 * ``pass@k``: mean over problems of the unbiased estimator of Chen et al. (2021) from (n, correct, k);
+* ``maj@k`` (k > 1): majority vote (self-consistency) over the final answers of k samples, scored by
+  whether the voted answer is correct (``maj_at_k``); maj@1 would be pass@1 and is not reported;
 
 plus the mean response length and the fraction of truncated responses, and an ``average`` row that is
 the unweighted mean over datasets (the tables' Avg column).
@@ -33,6 +35,7 @@ import numpy as np
 from realjax.sampling import Sampler, SamplingConfig, sample_ids
 
 Verifier = Callable[[list[str], list], list[float]]
+AnswerKey = Callable[[str], str | None]
 
 PAPER_N = 16
 MAX_DROPPED_FRACTION = 0.5  # an eval set that loses more than this is not the benchmark any more
@@ -63,6 +66,45 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def majority_vote(keys: Sequence[str | None]) -> int | None:
+    """Index of the sample that carries the voted answer, or None when no sample has an answer.
+
+    The voted answer is the most frequent key (``None``, no answer, abstains); among equally frequent
+    keys the one that occurs first wins, and the index is that key's first occurrence.
+    """
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            counts[key] = counts.get(key, 0) + 1
+            first.setdefault(key, i)
+    if not counts:
+        return None
+    return first[max(counts, key=counts.__getitem__)]  # max keeps the first of equal counts: dicts keep order
+
+
+def maj_at_k(keys_N: Sequence[str | None], scores_N: Sequence[float], k: int) -> float:
+    """maj@k of one problem from its ``n`` samples, in sample order.
+
+    The n samples are cut into ``n // k`` disjoint consecutive blocks of k (the last ``n % k`` samples
+    sit out); each block votes (``majority_vote``) and scores the verifier's score of the sample that
+    carries the voted answer, i.e. the voted answer checked against the ground truth; a block without
+    any answer scores 0. The mean over blocks is an unbiased estimate of maj@k, since each block is k
+    independent samples; at k = n it is the one vote over all samples.
+
+    Args:
+      keys_N: vote key per sample (``realjax.rewards.answer_key``), None when it has no answer.
+      scores_N: the verifier's 0/1 score per sample.
+      k: the vote size (1 <= k <= n).
+    """
+    n = len(keys_N)
+    if len(scores_N) != n or not 1 <= k <= n:
+        raise ValueError(f"maj_at_k needs {n} scores and 1 <= k <= n={n}; got {len(scores_N)} scores, k={k}")
+    blocks = [range(start, start + k) for start in range(0, n - k + 1, k)]
+    voted = [majority_vote([keys_N[i] for i in block]) for block in blocks]
+    return sum(float(scores_N[block[v]]) for block, v in zip(blocks, voted) if v is not None) / len(blocks)
+
+
 def _check_ks(ks: Sequence[int], n: int) -> tuple[int, ...]:
     """Sorted unique ks, each in [1, n]; pass@1 is always reported."""
     bad = [k for k in ks if not 1 <= int(k) <= n]
@@ -87,7 +129,7 @@ def _check_scores(scores: Sequence[float], expected: int, name: str) -> np.ndarr
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
 def dataset_metrics(correct_P: np.ndarray, lengths_PN: np.ndarray, finished_PN: np.ndarray, *, n: int,
-                    ks: Sequence[int]) -> dict:
+                    ks: Sequence[int], maj: Mapping[int, Sequence[float]] | None = None) -> dict:
     """The metrics of one dataset from its per-problem counts.
 
     Args:
@@ -95,11 +137,13 @@ def dataset_metrics(correct_P: np.ndarray, lengths_PN: np.ndarray, finished_PN: 
       lengths_PN: int [P, n] response lengths in tokens.
       finished_PN: bool [P, n] the response ended on a stop token.
       n: samples per problem; ks: the Pass@k budgets (1 included).
+      maj: k -> maj@k per problem [P] (``maj_at_k``), for the k that report it.
     Returns:
-      {"pass@k" for k in ks, "problems", "samples", "response_length", "truncated"}.
+      {"pass@k" for k in ks, "maj@k" for k in maj, "problems", "samples", "response_length", "truncated"}.
     """
     out = {f"pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in correct_P])) for k in ks}
     out["pass@1"] = float(np.mean(correct_P / n))  # the estimator at k=1, without rounding detours
+    out.update({f"maj@{k}": float(np.mean(values)) for k, values in (maj or {}).items()})
     out.update(problems=int(correct_P.size), samples=int(lengths_PN.size),
                response_length=float(lengths_PN.mean()), truncated=float(1.0 - finished_PN.mean()))
     return out
@@ -115,18 +159,30 @@ def average_metrics(per_dataset: Mapping[str, dict]) -> dict:
 
 
 def _score_dataset(name: str, rows: Sequence[Mapping], samples: list[list[dict]], tokenizer,
-                   verifier: Verifier, n: int) -> np.ndarray:
-    """0/1 scores [P, n] of one dataset's samples (one verifier call for the whole set)."""
+                   verifier: Verifier, n: int) -> tuple[np.ndarray, list[str]]:
+    """0/1 scores [P, n] of one dataset's samples (one verifier call for the whole set), and the decoded
+    completions, flat and problem-major."""
     completions = [tokenizer.decode(s["token_ids"], skip_special_tokens=True) for per in samples for s in per]
     ground_truths = [row["ground_truth"] for row in rows for _ in range(n)]
-    return _check_scores(verifier(completions, ground_truths), len(completions), name).reshape(len(rows), n)
+    scores = _check_scores(verifier(completions, ground_truths), len(completions), name).reshape(len(rows), n)
+    return scores, completions
+
+
+def _majority(completions: list[str], scores_PN: np.ndarray, answer_key: AnswerKey,
+              ks: Sequence[int]) -> dict[int, list[float]]:
+    """k -> maj@k per problem for each k > 1 in ``ks`` (``maj_at_k``)."""
+    n = scores_PN.shape[1]
+    keys = [answer_key(text) for text in completions]
+    keys_PN = [keys[p * n:(p + 1) * n] for p in range(scores_PN.shape[0])]
+    return {k: [maj_at_k(keys_N, scores_N, k) for keys_N, scores_N in zip(keys_PN, scores_PN)]
+            for k in ks if k > 1}
 
 
 def evaluate(model, tokenizer, datasets: Mapping[str, Sequence[Mapping]], *,
              sampling: SamplingConfig | Sampler, n: int, seed: int = 0, prompts_per_batch: int = 8,
              verifier: Verifier | None = None, ks: Sequence[int] = (1,), mesh=None,
-             progress: bool = False) -> dict:
-    """Sample ``n`` completions per problem, score them, and aggregate Pass@1 / Pass@k per dataset.
+             progress: bool = False, answer_key: AnswerKey | None = None) -> dict:
+    """Sample ``n`` completions per problem, score them, and aggregate Pass@1 / Pass@k / maj@k per dataset.
 
     Args:
       model: the NNX policy.
@@ -139,13 +195,17 @@ def evaluate(model, tokenizer, datasets: Mapping[str, Sequence[Mapping]], *,
       prompts_per_batch: prompts per sampler call (each expands to ``n`` rows).
       verifier: ``(completions, ground_truths) -> [0.0 | 1.0]``, called once per dataset with flat
         problem-major lists; default ``realjax.rewards.score_math``.
-      ks: Pass@k budgets, each in [1, n]; 1 is always included.
+      ks: Pass@k budgets, each in [1, n]; 1 is always included. Each k > 1 also gives maj@k.
       mesh: the mesh a new ``Sampler`` runs on (ignored when ``sampling`` is a ``Sampler``).
       progress: tqdm bars on stderr.
+      answer_key: completion -> vote key of its final answer, None without one (maj@k); default
+        ``realjax.rewards.answer_key``, the default verifier's extraction. It must extract the way the
+        verifier does (e.g. both with ``require_think``): the vote is scored with the verifier's score.
     Returns:
       {"settings": {...}, "datasets": {name: metrics}, "average": metrics,
-       "per_problem": {name: {"correct": [int] * P}}}, where metrics holds ``pass@k`` for each k,
-      ``problems``, ``samples``, ``response_length`` (mean tokens) and ``truncated`` (fraction).
+       "per_problem": {name: {"correct": [int] * P, "maj@k": [float] * P for each k > 1}}}, where
+      metrics holds ``pass@k`` for each k, ``maj@k`` for each k > 1, ``problems``, ``samples``,
+      ``response_length`` (mean tokens) and ``truncated`` (fraction).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -154,6 +214,8 @@ def evaluate(model, tokenizer, datasets: Mapping[str, Sequence[Mapping]], *,
     ks = _check_ks(ks, n)
     if verifier is None:
         from realjax.rewards import score_math as verifier  # lazy: the verifier pulls in sympy
+    if answer_key is None and max(ks) > 1:
+        from realjax.rewards import answer_key
     sampler = sampling if isinstance(sampling, Sampler) else Sampler(sampling, pad_id=tokenizer.pad_token_id,
                                                                      mesh=mesh)
     per_dataset, per_problem = {}, {}
@@ -162,12 +224,13 @@ def evaluate(model, tokenizer, datasets: Mapping[str, Sequence[Mapping]], *,
             print(f"eval {name}: {len(rows)} problems x {n} samples", file=sys.stderr)
         samples = sample_ids(model, sampler, [row["prompt_ids"] for row in rows], n=n, seed=seed,
                              prompts_per_batch=prompts_per_batch, progress=progress)
-        scores_PN = _score_dataset(name, rows, samples, tokenizer, verifier, n)
+        scores_PN, completions = _score_dataset(name, rows, samples, tokenizer, verifier, n)
+        maj = _majority(completions, scores_PN, answer_key, ks) if max(ks) > 1 else {}
         lengths_PN = np.array([[len(s["token_ids"]) for s in per] for per in samples])
         finished_PN = np.array([[s["finished"] for s in per] for per in samples], bool)
         correct_P = scores_PN.sum(axis=1).astype(int)
-        per_dataset[name] = dataset_metrics(correct_P, lengths_PN, finished_PN, n=n, ks=ks)
-        per_problem[name] = {"correct": correct_P.tolist()}
+        per_dataset[name] = dataset_metrics(correct_P, lengths_PN, finished_PN, n=n, ks=ks, maj=maj)
+        per_problem[name] = {"correct": correct_P.tolist(), **{f"maj@{k}": v for k, v in maj.items()}}
     cfg = sampler.cfg
     settings = dict(n=n, ks=list(ks), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                     max_new_tokens=cfg.max_new_tokens, seed=seed)
@@ -187,12 +250,14 @@ def metrics_row(result: Mapping, prefix: str = "eval") -> dict[str, float]:
 def format_table(result: Mapping) -> str:
     """The paper's Table 1 layout: one row per metric, one column per dataset, then Avg.
 
-    Pass@k and the truncated fraction print with 3 decimals, the mean response length in tokens with 1;
-    the caption line gives the sampling settings.
+    Pass@k, maj@k and the truncated fraction print with 3 decimals, the mean response length in tokens
+    with 1; the caption line gives the sampling settings.
     """
     columns = {**result["datasets"], "Avg.": result["average"]}
     ks = result["settings"]["ks"]
-    lines = [(f"pass@{k}", "{:.3f}") for k in ks] + [("truncated", "{:.3f}"), ("length", "{:.1f}")]
+    lines = [(f"pass@{k}", "{:.3f}") for k in ks]
+    lines += [(f"maj@{k}", "{:.3f}") for k in ks if f"maj@{k}" in result["average"]]
+    lines += [("truncated", "{:.3f}"), ("length", "{:.1f}")]
     keys = {"length": "response_length"}
     cells = [["", *columns]]
     cells += [[label, *(fmt.format(m[keys.get(label, label)]) for m in columns.values())] for label, fmt in lines]
@@ -279,15 +344,17 @@ def main(args) -> int:
         raise  # cli.main prints it as one line
     except (DataError, ValueError, KeyError, OSError) as e:  # malformed data, checkpoint or settings
         raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    verifier = None
+    verifier = key = None
     if args.require_think:
         from functools import partial
 
-        from realjax.rewards import score_math
+        from realjax.rewards import answer_key, score_math
 
         verifier = partial(score_math, require_think=True)
+        key = partial(answer_key, require_think=True)  # the votes read answers as the verifier does
     result = evaluate(model, tokenizer, datasets, sampling=sampling, n=args.n, seed=args.seed,
-                      prompts_per_batch=args.batch_prompts, verifier=verifier, ks=ks, progress=True)
+                      prompts_per_batch=args.batch_prompts, verifier=verifier, ks=ks, progress=True,
+                      answer_key=key)
     result["settings"].update(max_prompt_tokens=args.max_prompt_tokens, require_think=args.require_think,
                               chat_template=not args.no_chat_template, limit=args.limit, dtype=args.dtype)
     print(format_table(result))

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import ast
 import operator
+import os
 import re
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,8 +49,8 @@ EXTRACT_CASES = [
     (r"\boxed{1} then \boxed{2}", False, "2"),  # last box wins
     (r"\boxed{\frac{1}{2}}", False, r"\frac{1}{2}"),
     (r"\boxed{\{1,2\}}", False, r"\{1,2\}"),  # escaped braces are not structure
-    (r"\fbox{7}", False, "7"),
-    (r"\boxed{1} \fbox{8}", False, "8"),
+    (r"\fbox{7}", False, None),  # the official extract_answer never accepts \fbox
+    (r"\boxed{1} \fbox{8}", False, "1"),  # ... nor lets it compete with \boxed
     (r"the answer is \boxed 5.", False, "5"),
     (r"$\boxed 42$", False, "42"),
     (r"<think>\boxed{1}</think> then \boxed{2}", False, "2"),
@@ -133,6 +135,38 @@ EQUIV_CASES = [
     ("a", "b", 0.0),
     (r"\text{(A)}", "A", 1.0),
     ("5", r"\boxed{5}", 1.0),  # ground truths holding a box are extracted first
+    # Base subscripts (MATH500 writes six answers in a base): the base must match, a bare number never does.
+    ("52_8", "52_8", 1.0),
+    ("52_{8}", "52_8", 1.0),
+    ("052_{(8)}", "52_8", 1.0),
+    (r"\text{52}_{8}", "52_8", 1.0),
+    ("52_{9}", "52_8", 0.0),  # math-verify drops the subscript: it said 1.0
+    ("52", "52_8", 0.0),  # the digits without their base: math-verify said 1.0
+    ("42", "52_8", 0.0),  # the value in base 10 answers another question (the official reward agrees)
+    ("528", "52_8", 0.0),  # the official reward reads 52_8 as the Python literal 528; not copied
+    ("4210_5", "4210_{5}", 1.0),
+    ("4210_{5}", "4211_{5}", 0.0),
+    ("59_8", "52_8", 0.0),  # 9 is no base-8 digit
+    ("42_{10}", "42", 1.0),  # base 10 is the bare number
+    ("42", ["52_8", "42"], 1.0),  # any element of a list ground truth
+    ("x_1", "x_{1}", 1.0),  # a subscripted variable is no numeral: math-verify decides
+    ("n=52_8", "52_8", 1.0),  # the short "n =" that plain answers may carry too
+    # Small magnitudes compare relatively (math-verify's absolute tolerance said 1.0 to the 0.0 rows).
+    (r"1.6 \times 10^{-18}", r"8.224 \times 10^{-19}", 0.0),
+    (r"8.2 \times 10^{-19}", [r"8.224 \times 10^{-19}", "8.224 \\times 10^{-19}\n"], 0.0),
+    (r"8.224 \cdot 10^{-19}", r"8.224 \times 10^{-19}", 1.0),
+    (r"0.8224 \times 10^{-18}", r"8.224 \times 10^{-19}", 1.0),
+    (r"8.22400 \times 10^{-19}", [r"8.224 \times 10^{-19}"], 1.0),
+    (r"2.78 \times 10^{-6}", r"2.7778 \times 10^{-6}", 0.0),
+    (r"10^{-3}", r"1 \times 10^{-3}", 1.0),
+    ("0.0000001", "0.0000002", 0.0),
+    ("0.0000001", r"10^{-7}", 1.0),
+    ("0", r"10^{-20}", 0.0),
+    # ... and nothing changes where math-verify's own rule is the tighter one.
+    ("0.333333", r"\frac{1}{3}", 1.0),
+    (r"\sqrt{2}", "1.414214", 1.0),
+    (r"50\%", "50", 1.0),
+    ("0.5", r"50\%", 1.0),
 ]
 
 
@@ -161,6 +195,64 @@ def test_fast_equal():
     assert equivalence.fast_equal("0.50", ".5") is True
     assert equivalence.fast_equal("0.333333", "0.3333333") is None  # math-verify's rounding decides
     assert equivalence.fast_equal(r"\frac{1}{2}", "0.5") is None
+    # Based numerals are decided in the parent, both ways.
+    assert equivalence.fast_equal("52_{8}", "52_8") is True
+    assert equivalence.fast_equal("52", "52_8") is False and equivalence.fast_equal("52_8", "52") is False
+    assert equivalence.fast_equal("4A_{16}", "74") is False and equivalence.fast_equal("4A_{16}", "74_{10}") is False
+    assert equivalence.fast_equal("42_{10}", r"\frac{84}{2}") is None  # base 10 against a non-integer: math-verify
+
+
+@pytest.mark.parametrize(
+    "answer,expected",
+    [("52_8", (42, 8)), ("52_{8}", (42, 8)), ("52_{(8)}", (42, 8)), ("(52)_8", (42, 8)), ("-52_8", (-42, 8)),
+     (r"\text{4A}_{\text{16}}", (74, 16)), ("10001_2", (17, 2)), ("42_{10}", (42, 10)), ("52 _ { 8 }", (42, 8)),
+     ("59_8", None), ("52_1", None), ("52_{37}", None), ("x_1", None), ("a_{12}", None), ("52", None),
+     ("52_8+1", None), ("1" * 2000 + "_2", None), ("N = 52_8", (42, 8)), ("abc=52_8", None)],
+)
+def test_based_numeral(answer, expected):
+    assert equivalence.based_numeral(answer) == expected
+
+
+def test_small_magnitudes_in_process():
+    # The same rule without the pool, where a failure points at equivalence.py directly.
+    gold = [r"8.224 \times 10^{-19}"]
+    assert equivalence.verify_equivalent(r"8.224 \times 10^{-19}", gold)
+    assert not equivalence.verify_equivalent(r"1.6 \times 10^{-18}", gold)
+    assert not equivalence.verify_equivalent(r"8.23 \times 10^{-19}", gold)
+    assert equivalence.verify_equivalent(r"8.22401 \times 10^{-19}", gold)  # within REL_TOL (1.2e-6)
+
+
+# ------------------------------------------------------------------------------------------ vote keys
+
+VOTE_GROUPS = [
+    # Each inner list votes together; no two lists share a key.
+    ["0.5", "1/2", r"\frac{1}{2}", r"\dfrac12", r"\tfrac{1}{2}", " 1 / 2 ", "$0.50$"],
+    ["7", "007", "7.0", "+7", r"7_{10}"],
+    ["-3/4", r"-\frac{3}{4}", "-0.75"],
+    ["52_8", "52_{8}", "052_{(8)}", r"\text{52}_8"],
+    ["42"],  # 52_8's value, in another base: another answer
+    ["52_{9}"],
+    [r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})", r"\left(3,\,\dfrac{\pi}{2}\right)"],
+    [r"2\sqrt{2}"],  # equal in value to \sqrt{8}, but only rationals are grouped by value
+    [r"\sqrt{8}"],
+    [r"\leftarrow"],  # \left is dropped only as a whole command
+    ["1/0"],
+]
+
+
+def test_vote_keys_group_equal_spellings():
+    keys = [{rewards.vote_key(a) for a in group} for group in VOTE_GROUPS]
+    assert all(len(k) == 1 and None not in k for k in keys), keys
+    assert len(set.union(*keys)) == len(VOTE_GROUPS)
+
+
+def test_vote_key_abstains_and_extracts_like_the_verifier():
+    assert rewards.vote_key(None) is None and rewards.vote_key("  $ $ ") is None
+    assert rewards.answer_key(boxed(r"\frac{1}{2}")) == rewards.answer_key(r"so \boxed{0.5}") == "1/2"
+    assert rewards.answer_key("no box") is None and rewards.answer_key(r"\fbox{3}") is None
+    assert rewards.answer_key(r"\boxed{3}") == "3" and rewards.answer_key(r"\boxed{3}", require_think=True) is None
+    long = "1" * 2000
+    assert rewards.vote_key(long) == long  # too long to read as a number: voted by spelling
 
 
 def test_think_and_require_think(pool):
@@ -190,6 +282,52 @@ def test_package_import_stays_light():
     # Workers import realjax.rewards; JAX or sympy at import time would cost every worker seconds.
     code = "import sys, realjax.rewards; assert not {'jax', 'sympy', 'math_verify'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ------------------------------------------------------------------------------------------ paper eval sets
+
+PAPER_DATA = Path(os.environ.get("REALJAX_PAPER_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "paper"))
+EVAL_SETS = ("aime", "aime25", "amc", "math", "minerva", "olympiad_bench")
+
+
+def _rewrites(gt: str):
+    """(answer, expected score) built from one ground-truth string: the answer itself and spellings of it
+    that must pass; near misses of base-b and small scientific-notation answers that must not."""
+    s = gt.strip().strip("$").strip()
+    yield s, 1.0
+    if m := re.fullmatch(r"([\d.]+) *\\times *10\^\{(-?\d+)\}", s):
+        mantissa, exponent = m.groups()
+        yield rf"{mantissa} \cdot 10^{{{exponent}}}", 1.0
+        yield rf"{mantissa} \times 10^{{{int(exponent) + 1}}}", 0.0
+        yield rf"{float(mantissa) * 2:g} \times 10^{{{exponent}}}", 0.0
+    if m := re.fullmatch(r"([0-9A-Z]+)_\{?(\d+)\}?", s):
+        digits, base = m.groups()
+        yield rf"{digits}_{{({base})}}", 1.0
+        yield digits, 0.0
+        yield rf"{digits}_{{{int(base) + 1}}}", 0.0
+        yield str(int(digits, int(base))), 0.0
+    if m := re.fullmatch(r"\\frac\{(\d+)\}\{(\d+)\}", s):
+        yield f"{m[1]}/{m[2]}", 1.0
+        yield rf"\dfrac{{{m[1]}}}{{{m[2]}}}", 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (PAPER_DATA / "math.parquet").is_file(), reason=f"no paper data at {PAPER_DATA}")
+def test_paper_ground_truths_pass_and_their_near_misses_fail(pool):
+    """Every eval-set ground truth passes as its own answer and in other spellings, so a verifier change
+    rejects no right answer of the paper's benchmarks; the base and small-magnitude near misses fail."""
+    from realjax import data
+
+    cases = []
+    for name in EVAL_SETS:
+        for row in data.load_rows(str(PAPER_DATA / f"{name}.parquet"))[0]:
+            gt = row["ground_truth"]
+            for element in ground_truth_answers(gt):
+                cases += [(name, answer, gt, expected) for answer, expected in _rewrites(element)]
+    scores = pool.score([boxed(answer) for _, answer, _, _ in cases], [gt for _, _, gt, _ in cases])
+    wrong = [(name, answer, gt, expected) for (name, answer, gt, expected), score in zip(cases, scores)
+             if score != expected]
+    assert len(cases) > 1900 and not wrong, wrong[:20]
 
 
 # ------------------------------------------------------------------------------------------ adversarial

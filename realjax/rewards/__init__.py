@@ -6,10 +6,12 @@ from realjax.rewards.equivalence import fast_equal, verify_equivalent
 from realjax.rewards.extract import extract_answer, ground_truth_answers
 from realjax.rewards.pool import MathVerifier, VerifierPool, default_pool, score_math
 from realjax.rewards.synthetic import generate_rows
+from realjax.rewards.vote import answer_key, vote_key
 
 __all__ = [
     "MathVerifier",
     "VerifierPool",
+    "answer_key",
     "default_pool",
     "extract_answer",
     "fast_equal",
@@ -19,4 +21,5 @@ __all__ = [
     "score_math",
     "validate_rewards",
     "verify_equivalent",
+    "vote_key",
 ]

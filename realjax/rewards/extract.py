@@ -5,10 +5,13 @@ Follows the official REAL verifier (DeepScaleR ``math_reward.py`` / ``math_utils
 1. Thinking split: with ``require_think`` a completion without ``</think>`` has no answer. When
    ``</think>`` is present only the segment after the FIRST one is kept, up to a second ``</think>`` if
    there is one (the official ``split("</think>")[1]``).
-2. The content of the LAST ``\\boxed{...}`` / ``\\fbox{...}`` with balanced-brace matching; ``\\boxed 5``
-   (a single token after a space) is accepted as well. No box, or an unclosed last box -> ``None``.
+2. The content of the LAST ``\\boxed{...}``, with balanced-brace matching. No box, or an unclosed last
+   box -> ``None``. ``\\fbox`` is never an answer: the official ``last_boxed_only_string`` falls back to
+   ``\\fbox`` only when the text holds no ``\\boxed``, but its caller ``extract_answer`` returns nothing
+   in that case, and ``remove_boxed`` rejects anything not starting ``\\boxed{`` anyway. So
+   ``\\fbox{7}`` alone has no answer and ``\\boxed{1} \\fbox{8}`` answers ``1``, as there.
 
-Departures from the official code, all for safety or LaTeX-correctness:
+Departures from the official code, for safety or LaTeX-correctness, and one leniency:
 
 - Bounded work: only the last ``max_chars`` (default 4096) characters of the kept segment are searched,
   so a megabyte completion costs one ``str.find`` plus a fixed-size scan. A box that opens earlier than
@@ -17,8 +20,8 @@ Departures from the official code, all for safety or LaTeX-correctness:
 - Brace matching is an iterative scan (no recursion), and escaped braces ``\\{`` / ``\\}`` are
   skipped, so ``\\boxed{\\{1,2\\}}`` gives ``\\{1,2\\}`` (the official code counts them too, which gives
   the same result whenever they come in pairs).
-- ``\\boxed`` and ``\\fbox`` compete on position (the official code only looks for ``\\fbox`` when there
-  is no ``\\boxed`` at all).
+- ``\\boxed 5`` (a single token after a space, as in ``$\\boxed 5$``) is accepted; the official
+  ``remove_boxed`` only accepts ``\\boxed{``, so there it is no answer (a right answer scored 0).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ THINK_CLOSE = "</think>"
 DEFAULT_MAX_CHARS = 4096
 DEFAULT_MAX_ANSWER_CHARS = 1000
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+BOX_COMMAND = "\\boxed"
 # An escaped character (so `\{` and `\\` never count as braces) or a bare brace.
 _BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)
 _TOKEN_RE = re.compile(r"[^\s$]+")
@@ -47,10 +50,6 @@ def answer_region(text: str, *, require_think: bool = False) -> str | None:
     return text[start:] if end < 0 else text[start:end]
 
 
-def _last_box(text: str) -> tuple[int, str] | None:
-    """Position just past the last box command in ``text`` and the command found there."""
-    best = max((text.rfind(cmd), cmd) for cmd in _BOX_COMMANDS)
-    return None if best[0] < 0 else (best[0] + len(best[1]), best[1])
 
 
 def _braced(text: str, open_pos: int) -> str | None:
@@ -68,11 +67,11 @@ def _braced(text: str, open_pos: int) -> str | None:
 
 
 def boxed_content(text: str) -> str | None:
-    """Content of the last ``\\boxed{..}`` / ``\\fbox{..}`` / ``\\boxed TOKEN`` in ``text``, else ``None``."""
-    found = _last_box(text)
-    if found is None:
+    """Content of the last ``\\boxed{..}`` / ``\\boxed TOKEN`` in ``text``, else ``None``."""
+    pos = text.rfind(BOX_COMMAND)
+    if pos < 0:
         return None
-    pos, _ = found
+    pos += len(BOX_COMMAND)
     stripped = text[pos:].lstrip()
     if stripped.startswith("{"):
         return _braced(text, len(text) - len(stripped))
@@ -148,7 +147,7 @@ def ground_truth_answers(gt) -> tuple[str, ...]:
             answers.append(_number_str(item))
             continue
         s = str(item).strip()
-        if any(cmd in s for cmd in _BOX_COMMANDS):
+        if BOX_COMMAND in s:
             s = extract_answer(s, max_chars=None, max_answer_chars=None) or s
         s = s.strip().strip("$").strip()
         if s:
