@@ -237,8 +237,13 @@ def test_rollout_view_in_compute_dtype_gives_the_same_logits():
     from realjax import sharding as shd
     from realjax.rl.plan import make_plan
 
-    graphdef, params = nnx.split(toy_model(dtype="bfloat16"))
-    cfg = tiny_config(Path("/nonexistent"))
+    from realjax.models import ModelConfig, init_model
+
+    model_cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                            head_dim=8, intermediate_size=64, tie_word_embeddings=False,
+                            param_dtype="float32", dtype="bfloat16")
+    graphdef, params = nnx.split(init_model(model_cfg, seed=0))
+    cfg = load_config(demo_config_path())  # fsdp over the 8 devices, no tensor axis
     plan = make_plan(cfg, shd.make_mesh(cfg.mesh), compute_dtype="bfloat16", abstract_params=params, stop_ids=(0,))
     view = plan.rollout_view(params)
     assert {x.dtype for x in jax.tree.leaves(view)} == {np.dtype("bfloat16")}
