@@ -29,22 +29,25 @@ def _train(args) -> int:
     from realjax.data import DataError
     from realjax.rl import TrainingDiverged
     from realjax.rl.trainer import Trainer
-    from realjax.rundir import WriteFailed, os_error_of
+    from realjax.rundir import WriteFailed, write_failed
 
     try:
-        cfg = load_config(args.config or demo_config_path(), args.overrides)
-        trainer = Trainer(cfg)
-    except (ConfigError, DataError) as e:
-        raise CliError(str(e)) from None
-    try:
-        summary = trainer.run()
+        try:
+            cfg = load_config(args.config or demo_config_path(), args.overrides)
+            trainer = Trainer(cfg)
+        except (ConfigError, DataError) as e:
+            raise CliError(str(e)) from None
+        try:
+            summary = trainer.run()
+        except WriteFailed:
+            raise
+        except OSError as e:  # outside the checkpointer and the metrics writer (plots, export)
+            failed = write_failed(e, cfg.run_dir)
+            if failed is None:
+                raise
+            raise failed from e
     except (TrainingDiverged, CheckpointUnreadable, WriteFailed) as e:
         print(f"realjax train: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # outside the checkpointer and the metrics writer (plots, export)
-        found = os_error_of(e)
-        print(f"realjax train: error: {found[2] or cfg.run_dir}: {found[1]}" if found else
-              f"realjax train: error: {e}", file=sys.stderr)
         return 1
     if trainer.main and not summary.get("stopped"):
         _print_summary(summary)

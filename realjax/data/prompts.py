@@ -7,7 +7,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from realjax.data.sources import DataError, DataReport, Row
+from realjax.data.report import DataError, DataReport
+from realjax.data.sources import Row
 
 # ----------------------------------------------------------------------------------------------------
 # Prompts

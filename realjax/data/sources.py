@@ -37,7 +37,6 @@ Departures from the paper's pipeline (verl), all deliberate:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -50,12 +49,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from realjax.data.report import ANSWER_FIELDS, PROMPT_FIELDS, DataError, DataReport, MalformedRow
+
 Row = dict[str, Any]
 
 PAPER_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
-# Fields read, in order of precedence. Everything else is kept as an extra column.
-PROMPT_FIELDS = ("prompt", "messages", "problem", "question")
-ANSWER_FIELDS = ("ground_truth", "answer", "solution")  # after verl's reward_model.ground_truth
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
 SPLIT_ORDER = ("train", "test")  # default split of a DatasetDict, first present wins
 SYNTHETIC_DEFAULTS = {"n": 1000, "seed": 0}
@@ -65,72 +63,6 @@ HUB_PROBE_TIMEOUT_S = 3.0
 _ROLES = frozenset({"system", "user", "assistant"})
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _TRUE = frozenset({"1", "ON", "YES", "TRUE"})
-
-
-class DataError(ValueError):
-    """A data source or its contents cannot be used as configured."""
-
-
-class MalformedRow(DataError):
-    """One row cannot be normalised; ``reason`` is its counter key in the report."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-# ----------------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class DataReport:
-    """Where rows went: ``total == kept + too_long + sum(malformed.values())``."""
-
-    source: str
-    total: int = 0
-    kept: int = 0
-    too_long: int = 0
-    malformed: dict[str, int] = dataclasses.field(default_factory=dict)
-    columns: tuple[str, ...] = ()  # the fields the source's rows had, for a report that nothing was usable
-    max_prompt_tokens: int | None = None  # the limit behind too_long, and the setting that raises it
-    limit_key: str = "data.max_prompt_tokens"
-
-    @property
-    def dropped(self) -> int:
-        return self.too_long + sum(self.malformed.values())
-
-    def count(self, reason: str) -> None:
-        self.malformed[reason] = self.malformed.get(reason, 0) + 1
-
-    def then(self, later: DataReport) -> DataReport:
-        """This stage followed by ``later``, which saw this stage's kept rows."""
-        malformed = dict(self.malformed)
-        for reason, n in later.malformed.items():
-            malformed[reason] = malformed.get(reason, 0) + n
-        return DataReport(self.source, self.total, later.kept, self.too_long + later.too_long, malformed,
-                          self.columns or later.columns, later.max_prompt_tokens or self.max_prompt_tokens,
-                          later.limit_key)
-
-    def summary(self) -> str:
-        bad = ", ".join(f"{k}={v}" for k, v in sorted(self.malformed.items())) or "none"
-        limit = (f" (over {self.max_prompt_tokens} prompt tokens; raise {self.limit_key} to keep them)"
-                 if self.too_long and self.max_prompt_tokens else "")
-        return (f"{self.source}: kept {self.kept}/{self.total} rows; dropped {self.too_long} too long{limit}, "
-                f"{sum(self.malformed.values())} malformed ({bad})")
-
-    def check(self, max_bad_fraction: float) -> None:
-        """Raise ``DataError`` when nothing is kept or too large a fraction was dropped."""
-        if self.kept == 0:
-            hint = ""
-            if self.malformed.get("no_prompt") or self.malformed.get("no_ground_truth"):
-                found = ", ".join(self.columns) or "none"
-                hint = (f"; realjax reads the prompt from a field {' / '.join(PROMPT_FIELDS)} and the answer from "
-                        f"reward_model.ground_truth / {' / '.join(ANSWER_FIELDS)}; the rows have: {found}")
-            raise DataError(f"no usable rows: {self.summary()}{hint}")
-        fraction = self.dropped / self.total
-        if fraction > max_bad_fraction:
-            raise DataError(f"{fraction:.1%} of rows dropped, more than max_bad_fraction="
-                            f"{max_bad_fraction}: {self.summary()}")
 
 
 # ----------------------------------------------------------------------------------------------------
