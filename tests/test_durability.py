@@ -271,36 +271,64 @@ class Killed(BaseException):
     """Stands in for SIGKILL in-process: nothing after the raise runs but the finally blocks."""
 
 
-def test_kill_before_the_first_checkpoint_and_a_rerun_of_a_finished_run_leave_each_row_once(tmp_path, monkeypatch):
-    """The cheap version of the crash test below: a run killed while writing its first checkpoint restarts
-    from step 0 and must drop the rows it logged; rerunning a finished run re-evaluates at the end and
-    must not log that evaluation twice."""
+def _kill_test_config(tmp_path, *extra):
     from realjax.config import load_config
+
+    return load_config(demo_config_path(), [f"output_dir={tmp_path}", "name=k", *TINY, "trainer.save_every=2",
+                                            "trainer.export=false", *extra])
+
+
+def _killed_then_finished(cfg, monkeypatch):
+    """Killed while writing the first checkpoint (step 2), then run to the end; returns (summary, rows)."""
+    evals = bool(cfg.data.eval)
     from realjax.rl import Trainer
 
-    cfg = load_config(demo_config_path(), [f"output_dir={tmp_path}", "name=k", *TINY, "trainer.save_every=2",
-                                           "trainer.export=false"])
-    real_save = Checkpointer.save
-
-    def killed_at_first_save(self, step, *args):
+    def killed(self, step, *args):
         raise Killed
 
-    monkeypatch.setattr(Checkpointer, "save", killed_at_first_save)
-    with pytest.raises(Killed):
-        Trainer(cfg).run()
-    assert [r["step"] for r in read_rows(cfg.run_dir)] == [0, 1, 2]  # logged, never checkpointed
-    monkeypatch.setattr(Checkpointer, "save", real_save)
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpointer, "save", killed)
+        with pytest.raises(Killed):
+            Trainer(cfg).run()
+    assert [r["step"] for r in read_rows(cfg.run_dir)] == [0, 1, 2][1 - evals:]  # logged, never checkpointed
     summary = Trainer(cfg).run()
     rows = read_rows(cfg.run_dir)
-    assert [(r["step"], "loss" in r) for r in rows] == [(0, False), (1, True), (2, True), (3, True), (3, False)]
+    want = [(0, False), (1, True), (2, True), (3, True), (3, False)]
+    assert [(r["step"], "loss" in r) for r in rows] == (want if evals else want[1:-1])
     assert summary["steps_run"] == 3 and summary["steps"] == 3
     assert_tensorboard_matches_jsonl(cfg.run_dir)
+    return summary, rows
 
+
+def test_a_kill_before_the_first_checkpoint_leaves_each_row_once(tmp_path, monkeypatch):
+    """The cheap version of the crash tests below (no evaluation, to stay cheap): a run killed while
+    writing its first checkpoint restarts from step 0 and must drop the rows it logged (jsonl and
+    TensorBoard)."""
+    _killed_then_finished(_kill_test_config(tmp_path, "data.eval=", "eval.before=false"), monkeypatch)
+
+
+@pytest.mark.slow
+def test_a_rerun_and_a_damaged_last_checkpoint_leave_each_row_once(tmp_path, monkeypatch, capsys):
+    """Rerunning a finished run re-evaluates at the end and must not log that evaluation twice; with the
+    last checkpoint damaged, a rerun says so, resumes from the one before and ends with the same rows."""
+    from realjax.rl import Trainer
+
+    cfg = _kill_test_config(tmp_path)
+    summary, rows = _killed_then_finished(cfg, monkeypatch)
     again = Trainer(cfg).run()  # resumes at the last step: evaluates again, logs that row once
     assert (again["steps_run"], again["resumed_at"], again["steps"]) == (0, 3, 3)
     assert again["total_wall_time_s"] >= summary["wall_time_s"] * 0.5
-    rerun = read_rows(cfg.run_dir)
-    assert [without_timings(r) for r in rerun] == [without_timings(r) for r in rows]
+    assert [without_timings(r) for r in read_rows(cfg.run_dir)] == [without_timings(r) for r in rows]
+    assert_tensorboard_matches_jsonl(cfg.run_dir)
+
+    capsys.readouterr()
+    open(_largest_array_file(cfg.run_dir / "checkpoints" / "3"), "r+b").truncate(10)
+    fallback = Trainer(cfg).run()
+    assert (fallback["steps_run"], fallback["resumed_at"]) == (1, 2)
+    out = capsys.readouterr().out
+    assert "checkpoint step 3 is damaged: " in out and "truncated (10 of" in out
+    assert "resuming from checkpoint step 2 instead" in out
+    assert [without_timings(r) for r in read_rows(cfg.run_dir)] == [without_timings(r) for r in rows]
     assert_tensorboard_matches_jsonl(cfg.run_dir)
 
 
