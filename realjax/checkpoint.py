@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from realjax.rundir import atomic_write_text, write_failed, writing
+from realjax.rundir import atomic_write_text, exception_chain, write_failed, writing
 
 MANIFEST = "realjax_manifest.json"
 
@@ -114,11 +114,7 @@ def _stderr_kept_unless_failed():
 def _why(exc: BaseException, root: Path) -> str:
     """One line for an orbax/TensorStore read failure: the innermost message that names a file of the
     checkpoint, else the outermost message."""
-    chain, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
+    chain = list(exception_chain(exc))
     # A KeyError's str() is the repr of its message.
     texts = [str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e) for e in chain]
     first = [(e, (text.strip().splitlines() or [""])[0]) for e, text in zip(chain, texts)]
@@ -133,6 +129,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, keep: int = 3):
         self.directory = Path(directory).absolute()
+        # Synchronous: save() waits for the write anyway, and a failure then surfaces in save() itself
+        # rather than in a background thread. A save cut short leaves a temporary directory, removed on
+        # the next start.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                               enable_async_checkpointing=False)
         with writing(self.directory):

@@ -29,7 +29,8 @@ class WriteFailed(OSError):
         return f"cannot write {self.path}: {self.reason}" + (f" ({self.context})" if self.context else "")
 
 
-def _chain(exc: BaseException):
+def exception_chain(exc: BaseException):
+    """``exc`` and the exceptions it was raised from or during, outermost first."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -40,7 +41,7 @@ def _chain(exc: BaseException):
 def os_error_of(exc: BaseException) -> tuple[int, str, str | None] | None:
     """(errno, strerror, path) of the OS error behind ``exc`` (an OSError, or a TensorStore error that
     names one in its message); None when the failure was not an OS error."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno is not None:
             return e.errno, e.strerror or os.strerror(e.errno), e.filename and str(e.filename)
         text = str(e)

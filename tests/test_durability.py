@@ -114,11 +114,11 @@ OPT = {"mu": jnp.zeros(1000), "count": jnp.array(3)}
 def _saved(tmp_path, steps=(1, 2, 3)):
     ckpt = Checkpointer(tmp_path / "ckpt")
     for s in steps:
-        ckpt.save(s, jax_tree_scaled(s), OPT, {"step": s})
+        ckpt.save(s, _params_times(s), OPT, {"step": s})
     return ckpt
 
 
-def jax_tree_scaled(s):
+def _params_times(s):
     return {k: v * s for k, v in PARAMS.items()}
 
 
@@ -145,7 +145,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, m
     hurt(step_dir)
     restored = Checkpointer(ckpt.directory).restore_latest(PARAMS, OPT)
     assert restored.step == 2 and restored.meta == {"step": 2}
-    chex.assert_trees_all_equal(restored.params, jax_tree_scaled(2))
+    chex.assert_trees_all_equal(restored.params, _params_times(2))
     (line,) = restored.skipped
     assert line.startswith("checkpoint step 3 ") and "\n" not in line and str(step_dir) in line
     if manifest:
@@ -390,7 +390,6 @@ def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
     a checkpoint is in place but before orbax's bookkeeping, and in the middle of the export; after each,
     the same command again. The end state equals an uninterrupted run's: final weights bit for bit, every
     metrics row once with the same values, TensorBoard the same rows."""
-    from realjax.checkpoint import Checkpointer as C
     from realjax.config import load_config
     from realjax.rl import Trainer
 
@@ -412,7 +411,7 @@ def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
         assert rc == (0 if kill == "none" else -signal.SIGKILL), log.read_text()[-3000:]
 
     like = Trainer(reference).params
-    ref_ckpt, got_ckpt = C(reference.run_dir / "checkpoints"), C(run_dir / "checkpoints")
+    ref_ckpt, got_ckpt = Checkpointer(reference.run_dir / "checkpoints"), Checkpointer(run_dir / "checkpoints")
     want, _ = ref_ckpt.restore_params(6, like)
     got, meta = got_ckpt.restore_params(6, like)
     assert meta["step"] == 6 and not list(run_dir.glob("checkpoints/*.damaged"))
