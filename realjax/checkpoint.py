@@ -1,18 +1,56 @@
 """Checkpoints with orbax: parameters, optimizer state, and a JSON record of everything else a run needs
-to continue exactly (step, seed, data position, counters).
+to continue exactly (step, seed, data position, counters, how many metrics rows the step covers).
 
 The RNG needs no saved state: every step's key is ``fold_in(key(seed), step)``, so the seed and the step
 reproduce it. Restores go straight to each array's sharding (the target carries it). Multi-host runs
 write one checkpoint collectively (orbax coordinates the processes).
+
+What survives what:
+
+* A kill during a save leaves orbax's temporary directory, never a step: the previous checkpoints stand
+  (orbax removes the leftover on the next start).
+* A failed write (full disk, permissions) raises ``WriteFailed`` naming the file and the OS error; older
+  checkpoints are only deleted (``keep``) after a newer one is complete, so the last good one stays.
+* Every finished checkpoint gets a manifest of its files' sizes (``MANIFEST``). On restore a checkpoint
+  with a missing, emptied or truncated file, or one orbax cannot read, is reported in one line and the
+  next older one is used; the damaged directory is renamed ``<step>.damaged`` (kept for inspection, out
+  of orbax's way: the resumed run will save that step again). ``CheckpointUnreadable`` when none is left.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from realjax.rundir import atomic_write_text, exception_chain, write_failed, writing
+
+MANIFEST = "realjax_manifest.json"
+
+
+class CheckpointUnreadable(RuntimeError):
+    """A checkpoint (or every checkpoint of a run) cannot be read; ``str()`` is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """The newest readable checkpoint, and one line for each newer one that had to be skipped."""
+
+    step: int
+    params: Any
+    opt_state: Any
+    meta: dict
+    skipped: tuple[str, ...] = ()
 
 
 def abstract_like(tree):
@@ -23,13 +61,81 @@ def abstract_like(tree):
     return jax.tree.map(one, tree)
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs each failed read or write from every worker thread with a traceback; the exception that
+    follows carries the cause, which the caller reports in one line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _stderr_kept_unless_failed():
+    """Hold what is written to file descriptor 2 during the block; pass it on unless the block fails.
+
+    When a write fails (a full disk), TensorStore's threads keep completing the other writes into
+    orbax's closed event loop and print a traceback for each straight to fd 2 (hundreds of lines that
+    bury the cause). Only a failed save drops them; its cause is raised and reported in one line.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    chunks: list[bytes] = []
+
+    def drain():
+        while chunk := os.read(read_end, 65536):
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the reader sees the end
+        os.close(saved)
+        reader.join()
+        os.close(read_end)
+        if not failed and chunks:
+            os.write(2, b"".join(chunks))
+
+
+def _why(exc: BaseException, root: Path) -> str:
+    """One line for an orbax/TensorStore read failure: the innermost message that names a file of the
+    checkpoint, else the outermost message."""
+    chain = list(exception_chain(exc))
+    # A KeyError's str() is the repr of its message.
+    texts = [str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e) for e in chain]
+    first = [(e, (text.strip().splitlines() or [""])[0]) for e, text in zip(chain, texts)]
+    named = [(e, line) for e, line in first if str(root) in line]
+    e, line = (named or first)[-1 if named else 0]
+    line = line if len(line) <= 300 else line[:297] + "..."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
 class Checkpointer:
     """Keep the last ``keep`` checkpoints of a run under ``directory``."""
 
     def __init__(self, directory: str | Path, *, keep: int = 3):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Synchronous: save() waits for the write anyway, and a failure then surfaces in save() itself
+        # rather than in a background thread. A save cut short leaves a temporary directory, removed on
+        # the next start.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                              enable_async_checkpointing=False)
+        with writing(self.directory):
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -37,26 +143,117 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    # -- writing ---------------------------------------------------------------------------------------
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
         """Write synchronously: a caller that saves and then exits (SIGTERM) must not lose it."""
         args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                                   meta=ocp.args.JsonSave(meta))
-        self.manager.save(step, args=args, force=True)
-        self.manager.wait_until_finished()
+        try:
+            with _quiet_orbax(), _stderr_kept_unless_failed():
+                self.manager.save(step, args=args, force=True)
+                self.manager.wait_until_finished()
+        except Exception as e:
+            failed = write_failed(e, self.directory / str(step))
+            if failed is None:
+                raise
+            # The failed save's orphaned asyncio tasks would each be reported again when collected.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            last = self.latest_step()
+            failed.context = f"checkpoint step {step} not written; " + (
+                f"step {last} is intact: free space and rerun to resume" if last is not None else
+                "there is no earlier checkpoint")
+            raise failed from None  # the cause is in the message; orbax's thread stacks only bury it
+        if jax.process_index() == 0:
+            self._write_manifest(step)
+
+    def _write_manifest(self, step: int) -> None:
+        root = self.directory / str(step)
+        sizes = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+        atomic_write_text(root / MANIFEST, json.dumps(sizes, indent=0))
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def damage(self, step: int) -> str | None:
+        """The first file of ``step`` that is missing or has another size than when it was written (one
+        line), or None. A checkpoint without a readable manifest (older realjax, or a kill right after
+        orbax finished) is left to orbax's own checks."""
+        root = self.directory / str(step)
+        try:
+            sizes = json.loads((root / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        for name, size in sizes.items():
+            path = root / name
+            if not path.is_file():
+                while not path.parent.exists():
+                    path = path.parent
+                return f"{path}: missing"
+            actual = path.stat().st_size
+            if actual != size:
+                what = "empty" if actual == 0 else "truncated" if actual < size else "longer than written"
+                return f"{path}: {what} ({actual} of {size} bytes)"
+        return None
+
+    def _read(self, step: int, args):
+        root = self.directory / str(step)
+        damage = self.damage(step)
+        if damage:
+            raise CheckpointUnreadable(f"checkpoint step {step} is damaged: {damage}")
+        try:
+            with _quiet_orbax():
+                return self.manager.restore(step, args=args)
+        except Exception as e:
+            raise CheckpointUnreadable(f"checkpoint step {step} cannot be read ({root}): {_why(e, root)}") from e
 
     def restore(self, step: int, params_like, opt_state_like):
         """(params, opt_state, meta) of ``step``, placed like the given (abstract or concrete) trees."""
         args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_like(params_like)),
                                   opt_state=ocp.args.StandardRestore(abstract_like(opt_state_like)),
                                   meta=ocp.args.JsonRestore())
-        out = self.manager.restore(step, args=args)
+        out = self._read(step, args)
         return out.params, out.opt_state, out.meta
 
     def restore_params(self, step: int, params_like):
         args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_like(params_like)),
                                   meta=ocp.args.JsonRestore())
-        out = self.manager.restore(step, args=args)
+        out = self._read(step, args)
         return out.params, out.meta
+
+    def restore_latest(self, params_like, opt_state_like) -> Restored | None:
+        """The newest checkpoint that reads, falling back past damaged ones; None when there is none.
+
+        Raises ``CheckpointUnreadable`` (one line listing each failure) when no checkpoint reads.
+        """
+        steps = self.all_steps()
+        skipped = []
+        for step in reversed(steps):
+            try:
+                params, opt_state, meta = self.restore(step, params_like, opt_state_like)
+            except CheckpointUnreadable as e:
+                skipped.append(str(e))
+                continue
+            self._set_aside([s for s in steps if s > step])
+            return Restored(step, params, opt_state, meta, tuple(skipped))
+        if skipped:
+            raise CheckpointUnreadable(f"no readable checkpoint in {self.directory}: " + "; ".join(skipped))
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename damaged steps to ``<step>.damaged`` (not a step name to orbax) so the run can save them
+        again."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                src, dst = self.directory / str(step), self.directory / f"{step}.damaged"
+                with writing(dst):
+                    if dst.exists():
+                        shutil.rmtree(dst)
+                    os.replace(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("realjax_checkpoint_set_aside")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()

@@ -17,21 +17,38 @@ def demo_config_path() -> Path:
 
 def train(args) -> int:
     """`realjax train`: RL training from a YAML config (default: the demo) plus key=value overrides."""
+    from realjax.preemption import STOP
+
+    with STOP:  # before JAX is imported: a preemption while starting up must still exit 0
+        return _train(args)
+
+
+def _train(args) -> int:
+    from realjax.checkpoint import CheckpointUnreadable
     from realjax.config import ConfigError, load_config
     from realjax.data import DataError
     from realjax.rl import TrainingDiverged
     from realjax.rl.trainer import Trainer
+    from realjax.rundir import WriteFailed, write_failed
     from realjax.sharding import ShardingError
 
     try:
-        cfg = load_config(args.config or demo_config_path(), args.overrides)
-        trainer = Trainer(cfg)
-    except (ConfigError, DataError, ShardingError) as e:
-        raise CliError(str(e)) from None
-    try:
-        summary = trainer.run()
-    except TrainingDiverged as e:
-        print(f"realjax train: {e}", file=sys.stderr)
+        try:
+            cfg = load_config(args.config or demo_config_path(), args.overrides)
+            trainer = Trainer(cfg)
+        except (ConfigError, DataError, ShardingError) as e:
+            raise CliError(str(e)) from None
+        try:
+            summary = trainer.run()
+        except WriteFailed:
+            raise
+        except OSError as e:  # outside the checkpointer and the metrics writer (plots, export)
+            failed = write_failed(e, cfg.run_dir)
+            if failed is None:
+                raise
+            raise failed from e
+    except (TrainingDiverged, CheckpointUnreadable, WriteFailed) as e:
+        print(f"realjax train: error: {e}", file=sys.stderr)
         return 1
     if trainer.main and not summary.get("stopped"):
         _print_summary(summary)
@@ -40,7 +57,12 @@ def train(args) -> int:
 
 def _print_summary(summary: dict) -> None:
     before, after = summary.get("pass@1_before"), summary.get("pass@1_after")
-    lines = [f"done: {summary['steps']} RL steps in {summary['wall_time_s']:.0f} s"]
+    steps, run, wall = summary["steps"], summary.get("steps_run", summary["steps"]), summary["wall_time_s"]
+    if run == steps:
+        lines = [f"done: {steps} RL steps in {wall:.0f} s"]
+    else:  # a resumed run: what this invocation did, then the whole run
+        lines = [f"done: {run} RL steps in {wall:.0f} s (resumed at step {summary['resumed_at']}); "
+                 f"{steps} steps in {summary['total_wall_time_s']:.0f} s in all"]
     if before is not None and after is not None:
         lines.append(f"held-out pass@1: {before:.3f} -> {after:.3f} ({100 * (after - before):+.1f} points)")
     elif after is not None:
@@ -58,7 +80,7 @@ def export(args) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    from realjax.checkpoint import Checkpointer
+    from realjax.checkpoint import CheckpointUnreadable, Checkpointer
     from realjax.config import load_config
     from realjax.models import from_pretrained, save_pretrained
     from realjax.rl.components import model_path
@@ -75,7 +97,10 @@ def export(args) -> int:
     if step is None or step not in ckpt.all_steps():
         raise CliError(f"no checkpoint {'at step ' + str(args.step) if args.step is not None else ''} in {run}/checkpoints"
                        f" (have: {ckpt.all_steps()})")
-    params, _ = ckpt.restore_params(step, params)
+    try:
+        params, _ = ckpt.restore_params(step, params)
+    except CheckpointUnreadable as e:
+        raise CliError(str(e)) from None
     out = save_pretrained(nnx.merge(graphdef, params), args.out, dtype=jnp.dtype(args.dtype) if args.dtype else None,
                           tokenizer_from=source)
     print(f"wrote step {step} of {run} to {out}")

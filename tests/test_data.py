@@ -246,6 +246,50 @@ def test_report_check_and_chaining():
         both.check(0.3)
 
 
+def test_a_jsonl_line_that_is_not_utf8_is_counted_like_bad_json(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps(_row()).encode()
+    path.write_bytes(good + b"\n" + b'{"prompt": "caf\xe9", "answer": "1"}\n' + b"{oops\n" + good + b"\n")
+    rows, report = data.load_rows(str(path))
+    assert (report.total, report.kept, report.malformed) == (4, 2, {"not_utf8": 1, "bad_json": 1})
+    (tmp_path / "list.json").write_bytes(b'[{"prompt": "caf\xe9", "answer": "1"}]')
+    with pytest.raises(data.DataError, match=r"list.json: not UTF-8 text \(byte 16: b'\\xe9'\)") as err:
+        data.load_rows(str(tmp_path / "list.json"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not_parquet"])
+def test_a_broken_parquet_file_is_one_line_naming_it(tmp_path, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([{"problem": "1+1?", "answer": "2"}] * 50), path)
+    whole = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": whole[: len(whole) // 2], "not_parquet": b"a,b\n1,2\n"}[damage])
+    with pytest.raises(data.DataError, match=f"{path}: not a readable parquet file") as err:
+        data.load_rows(str(path))
+    assert "\n" not in str(err.value)
+    with pytest.raises(data.DataError, match="train.parquet: not a readable parquet file"):
+        data.load_rows(str(tmp_path))  # the same through a directory spec
+
+
+def test_reports_name_the_limit_and_the_accepted_fields(tmp_path, tokenizer):
+    rows = [data.normalise_row({"prompt": "x" * n, "answer": "1"}) for n in (5, 500)]
+    _, report = data.render_prompts(rows, tokenizer, max_prompt_tokens=100)
+    assert "dropped 1 too long (over 100 prompt tokens; raise data.max_prompt_tokens to keep them)" in report.summary()
+    _, report = data.render_prompts(rows, tokenizer, max_prompt_tokens=100, limit_key="--max-prompt-tokens")
+    assert "raise --max-prompt-tokens" in report.summary()
+    path = _write_jsonl(tmp_path / "wrong_columns.jsonl", [{"query": "1+1?", "label": "2"}] * 3)
+    _, report = data.load_rows(str(path))
+    with pytest.raises(data.DataError) as err:
+        report.check(1.0)
+    message = str(err.value)
+    assert "no usable rows" in message and "the rows have: query, label" in message and "\n" not in message
+    for field in (*data.sources.PROMPT_FIELDS, *data.sources.ANSWER_FIELDS, "reward_model.ground_truth"):
+        assert field in message
+
+
 @pytest.mark.parametrize("value, expected", [
     (2025, "2025"), (np.int64(7), "7"), (142.0, "142"), (np.float64(-3.0), "-3"), (0.5, "0.5"),
     (1e-5, "1e-05"), ("\\frac{1}{2}", "\\frac{1}{2}"), (np.array(["a", "b"], dtype=object), ["a", "b"]),

@@ -7,7 +7,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from realjax.data.sources import DataError, DataReport, Row
+from realjax.data.report import DataError, DataReport
+from realjax.data.sources import Row
 
 # ----------------------------------------------------------------------------------------------------
 # Prompts
@@ -20,7 +21,8 @@ def prompt_text(messages: Sequence[Mapping[str, str]], tokenizer, *, chat_templa
 
 
 def render_prompts(rows: Sequence[Row], tokenizer, *, max_prompt_tokens: int, chat_template: bool = True,
-                   report: DataReport | None = None) -> tuple[list[Row], DataReport]:
+                   report: DataReport | None = None, limit_key: str = "data.max_prompt_tokens"
+                   ) -> tuple[list[Row], DataReport]:
     """Template and tokenize prompts; drop (and count) those longer than ``max_prompt_tokens``.
 
     Args:
@@ -29,6 +31,7 @@ def render_prompts(rows: Sequence[Row], tokenizer, *, max_prompt_tokens: int, ch
       max_prompt_tokens: the longest prompt kept, in tokens after templating (paper: 1024).
       chat_template: False renders the user turns as plain text (base models).
       report: the loading report; when given, the returned report covers both stages.
+      limit_key: the setting that raises ``max_prompt_tokens``, named in the report of too-long prompts.
     Returns:
       (kept rows with ``prompt_text`` and ``prompt_ids`` (int32 [len]), report).
     """
@@ -38,7 +41,8 @@ def render_prompts(rows: Sequence[Row], tokenizer, *, max_prompt_tokens: int, ch
         raise DataError("the tokenizer has no chat template; render with chat_template=False")
     from jinja2 import TemplateError
 
-    stage = DataReport(source=report.source if report else "prompts", total=len(rows))
+    stage = DataReport(source=report.source if report else "prompts", total=len(rows),
+                       max_prompt_tokens=max_prompt_tokens, limit_key=limit_key)
     texts, templated = [], []
     for row in rows:
         try:

@@ -37,7 +37,6 @@ Departures from the paper's pipeline (verl), all deliberate:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -50,12 +49,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from realjax.data.report import ANSWER_FIELDS, PROMPT_FIELDS, DataError, DataReport, MalformedRow
+
 Row = dict[str, Any]
 
 PAPER_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
-# Fields read, in order of precedence. Everything else is kept as an extra column.
-PROMPT_FIELDS = ("prompt", "messages", "problem", "question")
-ANSWER_FIELDS = ("ground_truth", "answer", "solution")  # after verl's reward_model.ground_truth
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
 SPLIT_ORDER = ("train", "test")  # default split of a DatasetDict, first present wins
 SYNTHETIC_DEFAULTS = {"n": 1000, "seed": 0}
@@ -65,60 +63,6 @@ HUB_PROBE_TIMEOUT_S = 3.0
 _ROLES = frozenset({"system", "user", "assistant"})
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _TRUE = frozenset({"1", "ON", "YES", "TRUE"})
-
-
-class DataError(ValueError):
-    """A data source or its contents cannot be used as configured."""
-
-
-class MalformedRow(DataError):
-    """One row cannot be normalised; ``reason`` is its counter key in the report."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-# ----------------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class DataReport:
-    """Where rows went: ``total == kept + too_long + sum(malformed.values())``."""
-
-    source: str
-    total: int = 0
-    kept: int = 0
-    too_long: int = 0
-    malformed: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    @property
-    def dropped(self) -> int:
-        return self.too_long + sum(self.malformed.values())
-
-    def count(self, reason: str) -> None:
-        self.malformed[reason] = self.malformed.get(reason, 0) + 1
-
-    def then(self, later: DataReport) -> DataReport:
-        """This stage followed by ``later``, which saw this stage's kept rows."""
-        malformed = dict(self.malformed)
-        for reason, n in later.malformed.items():
-            malformed[reason] = malformed.get(reason, 0) + n
-        return DataReport(self.source, self.total, later.kept, self.too_long + later.too_long, malformed)
-
-    def summary(self) -> str:
-        bad = ", ".join(f"{k}={v}" for k, v in sorted(self.malformed.items())) or "none"
-        return (f"{self.source}: kept {self.kept}/{self.total} rows; dropped {self.too_long} too long, "
-                f"{sum(self.malformed.values())} malformed ({bad})")
-
-    def check(self, max_bad_fraction: float) -> None:
-        """Raise ``DataError`` when nothing is kept or too large a fraction was dropped."""
-        if self.kept == 0:
-            raise DataError(f"no usable rows: {self.summary()}")
-        fraction = self.dropped / self.total
-        if fraction > max_bad_fraction:
-            raise DataError(f"{fraction:.1%} of rows dropped, more than max_bad_fraction="
-                            f"{max_bad_fraction}: {self.summary()}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,27 +164,51 @@ def normalise_row(raw: Any, *, instruction: str | None = PAPER_INSTRUCTION) -> R
 # ----------------------------------------------------------------------------------------------------
 # Readers: each yields raw rows, or a MalformedRow for a record that could not even be parsed
 # ----------------------------------------------------------------------------------------------------
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
 def _read_jsonl(path: Path) -> Iterable[Any]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                yield MalformedRow("bad_json")
+    # Lines are decoded one by one: a line that is not UTF-8 is one bad row, like a line that is not JSON.
+    for line in _read_bytes(path).splitlines():
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield MalformedRow("not_utf8")
+        except json.JSONDecodeError:
+            yield MalformedRow("bad_json")
+
+
+def _read_parquet(path: Path) -> list[Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:  # empty, truncated, or not parquet at all
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        size = path.stat().st_size if path.exists() else 0
+        raise DataError(f"{path}: not a readable parquet file ({size} bytes; {reason})") from None
 
 
 def _read_file(path: Path) -> Iterable[Any]:
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
+        return _read_parquet(path)
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".json":
+        raw = _read_bytes(path)
         try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
+            loaded = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            if raw.lstrip()[:1] == b"[":  # one JSON document: a bad byte spoils it all
+                raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+            return _read_jsonl(path)
         except json.JSONDecodeError:
             return _read_jsonl(path)  # JSON lines under a .json name, as the hub often ships them
         if isinstance(loaded, Mapping) and isinstance(loaded.get("data"), list):
@@ -390,9 +358,11 @@ def load_rows(spec: str, *, instruction: str | None = PAPER_INSTRUCTION) -> tupl
     if not spec:
         raise DataError("empty data spec")
     report = DataReport(source=spec)
-    rows = []
+    rows, columns = [], {}
     for raw in _read_spec(spec):
         report.total += 1
+        if isinstance(raw, Mapping):
+            columns.update(dict.fromkeys(map(str, raw)))
         try:
             if isinstance(raw, MalformedRow):
                 raise raw
@@ -400,6 +370,7 @@ def load_rows(spec: str, *, instruction: str | None = PAPER_INSTRUCTION) -> tupl
         except MalformedRow as bad:
             report.count(bad.reason)
     report.kept = len(rows)
+    report.columns = tuple(columns)
     return rows, report
 
 

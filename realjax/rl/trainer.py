@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import signal
 import time
 
 import jax
@@ -36,10 +35,12 @@ from realjax.metrics import MetricsWriter
 from realjax.models import (from_pretrained, init_model, load_tokenizer, preset, save_pretrained,
                             stop_token_ids)
 from realjax.models.config import resolve_dtype
+from realjax.preemption import STOP
 from realjax.rl import components
 from realjax.rl.batch import TrainState, UpdateBatch
 from realjax.rl.plan import make_plan
 from realjax.rl.rollout import RolloutCollector, Rollouts
+from realjax.rundir import atomic_write_text
 from realjax.sampling import Sampler
 
 
@@ -71,7 +72,9 @@ class Trainer:
         self._build_rollout()
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
         self.step, self.consecutive_skips, self.skipped_total, self.eval_before = 0, 0, 0, {}
-        self._stop_requested = False
+        # What the restored checkpoint covers: metrics rows (0 = none: a fresh start keeps no rows) and the
+        # wall time of the invocations before this one; notes say which damaged checkpoints were skipped.
+        self.start_step, self.resume_rows, self.elapsed_before, self.restore_notes = 0, 0, 0.0, []
 
     # -- construction ----------------------------------------------------------------------------------
     def _load_model(self):
@@ -118,39 +121,48 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------
     def run(self) -> dict:
+        self.writer = None
+        with STOP:  # SIGTERM from here on (the CLI installs it earlier still) is a stop request
+            try:
+                return self._run()
+            finally:
+                if self.writer is not None:
+                    self.writer.close()
+                self.pool.close()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         self._restore()
+        self.start_step = self.step
         self.writer = MetricsWriter(self.run_dir, enabled=self.main, tensorboard=cfg.logging.tensorboard,
                                     wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                                     run_name=cfg.name, config=to_dict(cfg), progress=cfg.logging.progress,
-                                    total_steps=cfg.trainer.steps, start_step=self.step)
+                                    total_steps=cfg.trainer.steps, start_step=self.step, keep_rows=self.resume_rows)
+        for note in self.restore_notes:
+            self.writer.message(note)
         if self.step:
-            self.writer.truncate_after(self.step)
             self.writer.message(f"resumed {self.run_dir} at step {self.step}")
         for note in self.data_notes:
             self.writer.message(note)
         self._write_config()
-        old_handlers = self._install_signal_handlers()
-        try:
-            if self.step == 0 and cfg.eval.before and self.eval_data:
-                self.eval_before = self._evaluate(0)
-            while self.step < cfg.trainer.steps:
-                metrics = self._train_step(self.step)
-                self.step += 1
-                self._log(metrics)
-                if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 and self.step < cfg.trainer.steps:
-                    self._evaluate(self.step)
-                if self._stop_agreed():
-                    self._save()
-                    self.writer.message(f"stop requested: checkpoint at step {self.step} written, exiting")
-                    return {"stopped": True, "step": self.step}
-                if self.step % cfg.trainer.save_every == 0:
-                    self._save()
-            return self._finish()
-        finally:
-            self._restore_signal_handlers(old_handlers)
-            self.writer.close()
-            self.pool.close()
+        if self._stop_agreed():  # asked to stop while starting: nothing new to save
+            self.writer.message(f"stop requested during start-up: nothing new to save (step {self.step}), exiting")
+            return {"stopped": True, "step": self.step}
+        if self.step == 0 and cfg.eval.before and self.eval_data:
+            self.eval_before = self._evaluate(0)
+        while self.step < cfg.trainer.steps:
+            metrics = self._train_step(self.step)
+            self.step += 1
+            self._log(metrics)
+            if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 and self.step < cfg.trainer.steps:
+                self._evaluate(self.step)
+            if self._stop_agreed():
+                self._save()
+                self.writer.message(f"stop requested: checkpoint at step {self.step} written, exiting")
+                return {"stopped": True, "step": self.step}
+            if self.step % cfg.trainer.save_every == 0:
+                self._save()
+        return self._finish()
 
     def _train_step(self, step: int) -> dict:
         cfg = self.cfg
@@ -268,13 +280,20 @@ class Trainer:
                 "skipped_total": self.skipped_total, "eval_before": self.eval_before, "seed": self.cfg.seed}
 
     def _save(self) -> None:
-        self.checkpointer.save(self.step, self.params, self.opt_state, self._meta())
+        elapsed = self.elapsed_before + time.perf_counter() - self.t_start
+        meta = {**self._meta(), "metrics_rows": self.writer.rows, "elapsed_s": elapsed}
+        self.checkpointer.save(self.step, self.params, self.opt_state, meta)
 
     def _restore(self) -> None:
-        step = self.checkpointer.latest_step()
-        if step is None:
+        restored = self.checkpointer.restore_latest(self.params, self.opt_state)
+        if restored is None:
             return
-        self.params, self.opt_state, meta = self.checkpointer.restore(step, self.params, self.opt_state)
+        if restored.skipped:
+            self.restore_notes = [*restored.skipped, f"resuming from checkpoint step {restored.step} instead "
+                                  "(the damaged ones were renamed <step>.damaged)"]
+        self.params, self.opt_state, meta = restored.params, restored.opt_state, restored.meta
+        self.resume_rows = meta.get("metrics_rows")  # None: a checkpoint from before rows were counted
+        self.elapsed_before = meta.get("elapsed_s", 0.0)
         self.step, self.consecutive_skips = meta["step"], meta["consecutive_skips"]
         self.skipped_total, self.eval_before = meta["skipped_total"], meta.get("eval_before", {})
         self.stream.load_state_dict(meta["data"])
@@ -282,7 +301,7 @@ class Trainer:
     def _write_config(self) -> None:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
     def _finish(self) -> dict:
         cfg = self.cfg
@@ -298,29 +317,20 @@ class Trainer:
             from realjax.plots import plot_run
 
             plots = plot_run(self.run_dir)
+        wall = time.perf_counter() - self.t_start
+        # steps / total_wall_time_s: the whole run; steps_run / wall_time_s: this invocation only.
         summary = {"run_dir": str(self.run_dir), "steps": self.step, "export": str(export) if export else None,
-                   "plots": str(plots) if plots else None, "wall_time_s": time.perf_counter() - self.t_start,
+                   "plots": str(plots) if plots else None, "wall_time_s": wall,
+                   "steps_run": self.step - self.start_step, "resumed_at": self.start_step,
+                   "total_wall_time_s": self.elapsed_before + wall,
                    "pass@1_before": self.eval_before.get("eval/pass@1"), "pass@1_after": after.get("eval/pass@1"),
                    "skipped_updates": self.skipped_total}
         return summary
 
     # -- preemption ------------------------------------------------------------------------------------
-    def _install_signal_handlers(self):
-        def request_stop(signum, frame):
-            if self._stop_requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now
-            self._stop_requested = True
-
-        return {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    @staticmethod
-    def _restore_signal_handlers(old) -> None:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
     def _stop_agreed(self) -> bool:
         """True on every process when any process was asked to stop (they must checkpoint together)."""
-        flags = shd.allgather_host(np.array([self._stop_requested]))
+        flags = shd.allgather_host(np.array([STOP.requested]))
         return bool(flags.any())
 
 
