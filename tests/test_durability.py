@@ -26,7 +26,8 @@ from realjax.rundir import WriteFailed, write_failed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=16", "optim.mini_batches=2",
-        "trainer.steps=3", "trainer.eval_every=0", "eval.n=1", "data.eval_limit=4", "logging.progress=false"]
+        "trainer.steps=3", "trainer.eval_every=0", "eval.n=1", "data.eval_limit=4", "logging.progress=false",
+        "mesh.fsdp=4", "mesh.tensor=2"]  # 4 prompts over 4 data-parallel devices of the 8 fake ones
 TIMING = ("time/", "throughput/", "memory/")
 
 
