@@ -294,7 +294,8 @@ def _load_data(args, tokenizer) -> tuple[dict[str, list], dict[str, dict]]:
     datasets, counts = {}, {}
     for name, (rows, report) in data.load_many(args.data).items():
         rows, report = data.render_prompts(rows, tokenizer, max_prompt_tokens=args.max_prompt_tokens,
-                                           chat_template=not args.no_chat_template, report=report)
+                                           chat_template=not args.no_chat_template, report=report,
+                                           limit_key="--max-prompt-tokens")
         print(report.summary(), file=sys.stderr)
         if report.dropped:  # the score is then over a subset of the benchmark: say so loudly
             print(f"warning: {name}: {report.dropped} of {report.total} problems dropped; "
