@@ -73,6 +73,10 @@ class RolloutSection:
     # Decode reads the KV cache in windows growing by this many tokens, one compiled program each (also
     # for evaluation): at 8192 new tokens and 1024, a step reads 61% of the cache on average.
     window_tokens: int = 1024
+    # Continuous batching (realjax.sampling.Engine): finished rows leave the decode batch every
+    # ``compact_every`` steps; with ``slots`` below a call's rows, queued rows refill the free slots.
+    slots: int = 0  # decode slots per sampler call (0 = one per row of the call: compaction only)
+    compact_every: int = 32  # decode steps between compaction / refill decisions (one host sync each)
     old_logp: str = "auto"  # sampler | recompute | auto (sampler in fp32, recompute otherwise)
     dynamic_sampling: bool = False  # DAPO: resample until every group has mixed rewards
     max_sampling_rounds: int = 3  # dynamic sampling gives up after this many rounds (fills with degenerate)
@@ -283,6 +287,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"loss.{key} is not a hyperparameter of {cfg.loss.name}")
     positive = {"rollout.group_size": r.group_size, "rollout.prompts_per_step": r.prompts_per_step,
                 "rollout.max_new_tokens": r.max_new_tokens, "rollout.window_tokens": r.window_tokens,
+                "rollout.compact_every": r.compact_every,
                 "optim.mini_batches": o.mini_batches,
                 "optim.micro_batches": o.micro_batches, "trainer.steps": cfg.trainer.steps, "eval.n": cfg.eval.n}
     for key, value in positive.items():
@@ -296,6 +301,8 @@ def validate(cfg: Config) -> None:
                           " prompts of a mini-batch")
     if r.prompts_per_call and r.prompts_per_step % r.prompts_per_call:
         raise ConfigError(f"rollout.prompts_per_call={r.prompts_per_call} must divide rollout.prompts_per_step")
+    if r.slots < 0:
+        raise ConfigError(f"rollout.slots must be >= 0 (0 = one per row of a sampler call), got {r.slots}")
     if r.old_logp not in ("auto", "sampler", "recompute"):
         raise ConfigError(f"rollout.old_logp must be auto, sampler or recompute, got {r.old_logp!r}")
     if o.schedule not in ("constant", "cosine", "linear"):

@@ -39,7 +39,7 @@ from realjax.models.config import resolve_dtype
 from realjax.rl import components
 from realjax.rl.rollout import RolloutCollector, Rollouts
 from realjax.rl.update import make_scoring_fn, make_update_step
-from realjax.sampling import Sampler
+from realjax.sampling import Engine, Sampler
 
 
 class TrainingDiverged(RuntimeError):
@@ -111,7 +111,9 @@ class Trainer:
                  (self.tokenizer.eos_token_id,))
         self.reward_fn, self.verifier, self.pool = components.build_reward_fn(cfg)
         sampling, self.eval_sampling = components.sampling_configs(cfg, stops)
-        self.sampler = Sampler(sampling, pad_id=self.tokenizer.pad_token_id, mesh=self.mesh, rules=shd.ROLLOUT_RULES)
+        # Rollouts decode only live rows (continuous batching); evaluation keeps the static sampler.
+        self.sampler = Engine(sampling, pad_id=self.tokenizer.pad_token_id, slots=r.slots,
+                              compact_every=r.compact_every, mesh=self.mesh, rules=shd.ROLLOUT_RULES)
         self.collector = RolloutCollector(self.sampler, self.tokenizer, self.reward_fn, group_size=r.group_size,
                                           prompts_per_call=r.prompts_per_call, mesh=self.mesh)
         self.eval_sampler = Sampler(self.eval_sampling, pad_id=self.tokenizer.pad_token_id, mesh=self.mesh,
