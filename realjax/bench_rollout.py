@@ -117,6 +117,7 @@ def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, len
         "engine_compiles": sum(engine.trace_counts.values()),
         "warmup_static_s": warm["static"]["s"], "warmup_engine_s": warm["engine"]["s"],
         "tokens_equal": bool((outputs["static"].tokens == outputs["engine"].tokens).all()),
+        "rows_equal": float(np.mean((outputs["static"].tokens == outputs["engine"].tokens).all(axis=1))),
         "logprobs_max_diff": float(np.abs(outputs["static"].logprobs - outputs["engine"].logprobs).max()),
     }
 

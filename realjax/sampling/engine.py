@@ -15,12 +15,18 @@ replicated) done flags and
 
 Each slot has its own cache clock (``KVCache.end`` of shape [B]) and its own step counter, so a refilled
 row writes at its own slots and attends exactly to its own prompt and tokens. A chunk's attention reads
-a static window that covers the longest live row for the chunk (rounded up to ``window_tokens``).
+a static window that covers the longest live row for the chunk (rounded up to ``window_tokens``; one
+compiled decode per bucket and window). Where this departs from "each row reads only its own cache":
+with refill, a young row in a slot beside old ones reads (masked) up to the old rows' window, since the
+attention is one dense program over the batch; without refill all rows share their age and the window
+tracks them.
 
 Same samples as the static sampler: the row in a slot draws token t with ``fold_in(fold_in(key, row), t)``
 (``sampler.step_keys``) whatever slot or bucket it runs in, and a row's numbers never mix with other
-rows', so tokens equal the static sampler's row for row (``tests/test_engine.py``). Every process takes
-the same decisions: they depend only on the all-gathered done flags and step counters.
+rows', so tokens equal the static sampler's row for row (``tests/test_engine.py``) up to fp32 rounding:
+XLA's products can round differently at another batch size or window, which flips a sampled token only
+when two Gumbel-perturbed scores tie to ~1e-6. Every process takes the same decisions: they depend only
+on the all-gathered done flags and slot clocks.
 
 Here B counts decode slots; a call's rows (``P * R``, prompt-major) are indexed by ``row``.
 """
