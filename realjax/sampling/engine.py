@@ -44,7 +44,7 @@ from flax import nnx
 
 from realjax import sharding as shd
 from realjax.models.kv_cache import KVCache
-from realjax.sampling.sampler import SampleOutput, Sampler, step_keys, stop_mask
+from realjax.sampling.sampler import SampleOutput, step_keys, stop_mask
 from realjax.sampling.strategies import SamplingConfig, choose
 
 
@@ -296,8 +296,3 @@ class Engine:
             return cache
         return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache.shardings(self.mesh, self.rules))
 
-
-def engine_like(sampler: Sampler, *, slots: int = 0, compact_every: int = 32) -> Engine:
-    """An engine with a static sampler's settings and mesh."""
-    return Engine(sampler.cfg, pad_id=sampler.pad_id, slots=slots, compact_every=compact_every, mesh=sampler.mesh,
-                  rules=sampler.rules)
