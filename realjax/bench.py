@@ -1,4 +1,5 @@
-"""Benchmarks whose baselines run in the same process: ``realjax bench sampler|update|rl-step|gpu``.
+"""Benchmarks whose baselines run in the same process: ``realjax bench sampler|update|rl-step|gpu``
+(and ``rollout``, in ``realjax.bench_rollout``).
 
 Every time is the median of ``--repeats`` calls after one warm-up call; the warm-up's extra time (the
 compile) is reported apart as ``compile_s``. Each benchmark prints a table, or with ``--json`` one JSON
@@ -547,6 +548,14 @@ def main(args) -> int:
             res = bench_update(model_config(args.preset, layers=args.layers), rows=args.rows, prompt=args.prompt,
                                response=args.response, group_size=args.group_size, repeats=args.repeats,
                                baseline=not args.no_baseline)
+        elif args.bench == "rollout":
+            from realjax.bench_rollout import bench_rollout
+
+            res = bench_rollout(model_config(args.preset, layers=args.layers), rows=args.rows,
+                                group_size=args.group_size, prompt=args.prompt, new=args.new, lengths=args.lengths,
+                                slots=args.slots, compact_every=args.compact_every,
+                                window_tokens=args.window_tokens, temperature=args.temperature,
+                                repeats=args.repeats)
         elif args.bench == "rl-step":
             res = bench_rl_step(args.config, steps=args.steps, overrides=args.overrides)
         else:

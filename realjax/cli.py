@@ -109,7 +109,7 @@ def _add_compile(sub):
 
 def _add_bench(sub):
     p = sub.add_parser("bench", help="benchmarks with baselines measured in the same run (sampler, update, "
-                                     "rl-step, gpu)")
+                                     "rl-step, rollout, gpu)")
     which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
 
     def model_args(q, preset, layers, repeats):
@@ -137,6 +137,17 @@ def _add_bench(sub):
     q.add_argument("--config", help="YAML experiment file (default: the demo)")
     q.add_argument("--steps", type=int, default=3, help="RL steps; the first (compiles) is left out")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for train")
+    q = which.add_parser("rollout", help="static sampler vs the continuous-batching engine on oracle lengths")
+    model_args(q, "qwen2.5-0.5b", 2, 1)
+    q.add_argument("--lengths", default="r1-distill", help="r1-distill | all-max | uniform (the length oracle)")
+    q.add_argument("--rows", type=int, default=64, help="rollouts per call (prompts x group size)")
+    q.add_argument("--group-size", type=int, default=8)
+    q.add_argument("--prompt", type=int, default=64)
+    q.add_argument("--new", type=int, default=256, help="the budget N; oracle lengths fall in [1, N]")
+    q.add_argument("--slots", type=int, default=0, help="engine decode slots (0 = rows; fewer exercises refill)")
+    q.add_argument("--compact-every", type=int, default=16, help="engine decode steps between compactions")
+    q.add_argument("--window-tokens", type=int, default=32, help="attention window growth (both samplers)")
+    q.add_argument("--temperature", type=float, default=0.6)
     q = which.add_parser("gpu", help="GPU: copy bandwidth, bf16 matmul, batch-1 decode roofline, learner MFU")
     model_args(q, "deepseek-r1-distill-qwen-1.5b", 0, 5)
     q.add_argument("--prompt", type=int, default=128)

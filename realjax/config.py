@@ -87,6 +87,10 @@ class RolloutSection:
     # Decode reads the KV cache in windows growing by this many tokens, one compiled program each (also
     # for evaluation): at 8192 new tokens and 1024, a step reads 61% of the cache on average.
     window_tokens: int = 1024
+    # Continuous batching (realjax.sampling.Engine): finished rows leave the decode batch every
+    # ``compact_every`` steps; with ``slots`` below a call's rows, queued rows refill the free slots.
+    slots: int = 0  # decode slots per sampler call (0 = one per row of the call: compaction only)
+    compact_every: int = 32  # decode steps between compaction / refill decisions (one host sync each)
     old_logp: str = "auto"  # sampler | recompute | auto (sampler in fp32, recompute otherwise)
     dynamic_sampling: bool = False  # DAPO: resample until every group has mixed rewards
     max_sampling_rounds: int = 3  # dynamic sampling gives up after this many rounds (fills with degenerate)
@@ -290,7 +294,7 @@ def validate(cfg: Config) -> None:
                                                                            f"; choose from {sorted(LOSSES)}"))
     at_least = {"rollout.group_size": (r.group_size, 2), "rollout.prompts_per_step": (r.prompts_per_step, 1),
                 "rollout.max_new_tokens": (r.max_new_tokens, 1), "rollout.window_tokens": (r.window_tokens, 1),
-                "rollout.max_sampling_rounds": (r.max_sampling_rounds, 1),
+                "rollout.max_sampling_rounds": (r.max_sampling_rounds, 1), "rollout.compact_every": (r.compact_every, 1),
                 "optim.mini_batches": (o.mini_batches, 1), "optim.micro_batches": (o.micro_batches, 1),
                 "optim.max_bad_steps": (o.max_bad_steps, 1), "trainer.steps": (t.steps, 1),
                 "trainer.save_every": (t.save_every, 1), "trainer.log_every": (t.log_every, 1),
@@ -298,7 +302,8 @@ def validate(cfg: Config) -> None:
                 "trainer.eval_every": (t.eval_every, 0), "trainer.logp_check_every": (t.logp_check_every, 0),
                 "rollout.top_k": (r.top_k, 0), "eval.top_k": (e.top_k, 0), "rollout.prompts_per_call": (r.prompts_per_call, 0),
                 "eval.prompts_per_call": (e.prompts_per_call, 0), "eval.max_new_tokens": (e.max_new_tokens, 0),
-                "optim.warmup_steps": (o.warmup_steps, 0), "data.eval_limit": (cfg.data.eval_limit, 0)}
+                "optim.warmup_steps": (o.warmup_steps, 0), "data.eval_limit": (cfg.data.eval_limit, 0),
+                "rollout.slots": (r.slots, 0)}
     for key, (value, low) in at_least.items():
         if value < low:
             why = " (every objective compares the rollouts of a group)" if key == "rollout.group_size" else ""

@@ -106,3 +106,30 @@ def test_gpu_bench_pieces_on_cpu(capsys):
     _positive(res, "copy_bandwidth_gb_s", "matmul_tflop_s", "decode_tok_s", "decode_roofline_tok_s",
               "decode_fraction", "learner_tok_s", "mfu")
     assert res["learner_tokens"] == 32
+
+
+def test_rollout_bench(capsys):
+    res = _run(capsys, "rollout", "--preset", "tiny", "--layers", "1", "--rows", "8", "--group-size", "2",
+               "--prompt", "4", "--new", "10", "--window-tokens", "10", "--compact-every", "4", "--slots", "4")
+    _positive(res, "static_s", "engine_s", "static_tok_s", "engine_tok_s", "kv_min_gb")
+    assert res["tokens_equal"] and res["logprobs_max_diff"] < 1e-5  # the same samples, row for row
+    # The engine never runs more row-steps nor reads more cache than the static loop, and never less
+    # than the work itself.
+    assert res["useful_tokens"] <= res["engine_row_steps"] <= res["static_row_steps"]
+    assert 1.0 <= res["engine_kv_vs_min"] <= res["static_kv_vs_min"]
+
+
+def test_oracle_lengths_match_r1_distill():
+    from realjax.bench_rollout import minimum_slots_read, oracle_lengths, static_slots_read
+
+    lengths = oracle_lengths("r1-distill", 200_000, 8192)
+    assert np.mean(lengths) / 8192 == pytest.approx(0.47, abs=0.01)  # mean about 0.47 N
+    assert np.mean(lengths == 8192) == pytest.approx(0.045, abs=0.005)  # about 4.5% cut at N
+    assert np.median(lengths) / 8192 == pytest.approx(0.43, abs=0.005)
+    assert (oracle_lengths("all-max", 5, 7) == 7).all() and oracle_lengths("uniform", 1000, 7).min() >= 1
+    with pytest.raises(ValueError, match="unknown length"):
+        oracle_lengths("zipf", 4, 8)
+    # Two rows of 3 and 2 tokens after a 4-token prompt: reads (4+1)+(4+2) and 4+1 slots at the least; the
+    # static loop (one window of 7 slots) reads 7 slots per row for both of its two steps.
+    assert minimum_slots_read(np.array([3, 2]), 4) == 16
+    assert static_slots_read(np.array([3, 2]), 4, (7,)) == 28

@@ -1,7 +1,9 @@
 """The KV cache: a plain pytree that goes into a forward pass and comes out updated.
 
 Rows of a batch share one slot clock: slot ``j`` of every row was written at the same step, so a write
-is one ``dynamic_update_slice`` at ``end`` and causality is ``key slot <= query slot``. Prompts are
+is one ``dynamic_update_slice`` at ``end`` and causality is ``key slot <= query slot``. The
+continuous-batching engine gives each row its own clock instead (``end`` of shape [B]): rows that
+entered the batch at different steps write at their own slot, and causality is read per row. Prompts are
 left-padded (all prompts end at the same slot); ``mask`` marks the slots holding real tokens, so padding
 is never attended to. RoPE positions are separate (the count of real tokens before a token), which is
 what makes left padding exact.
@@ -24,7 +26,7 @@ class KVCache:
     k: tuple[jax.Array, ...]  # L x [B, K, S, H]
     v: tuple[jax.Array, ...]  # L x [B, K, S, H]
     mask: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
-    end: jax.Array  # int32 []: slots [0, end) have been written
+    end: jax.Array  # int32 [] (one clock) or [B] (a clock per row): slots [0, end) have been written
     # Static: attention reads slots [0, window) only (0 = the whole cache). Every write must land below
     # it; the sampler raises it in steps as the rows grow, so early tokens don't stream the empty tail.
     window: int = flax.struct.field(pytree_node=False, default=0)
@@ -52,6 +54,12 @@ class KVCache:
         rep = lambda x: jnp.repeat(x, n, axis=0)
         return self.replace(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), mask=rep(self.mask))
 
+    def take_rows(self, idx_J) -> "KVCache":
+        """Rows ``idx_J`` (a gather): the engine moves its live rows into a smaller batch."""
+        take = lambda x: jnp.take(x, idx_J, axis=0)
+        end = self.end if self.end.ndim == 0 else take(self.end)
+        return self.replace(k=tuple(map(take, self.k)), v=tuple(map(take, self.v)), mask=take(self.mask), end=end)
+
     def shardings(self, mesh, rules) -> "KVCache":
         """NamedShardings for every leaf, from the logical axes (``CACHE_AXES``) and the rules table."""
         from realjax.sharding import named
@@ -59,4 +67,16 @@ class KVCache:
         kv = lambda x: named(CACHE_AXES, x.shape, mesh, rules)
         return self.replace(k=tuple(map(kv, self.k)), v=tuple(map(kv, self.v)),
                             mask=named(("batch", "cache_length"), self.mask.shape, mesh, rules),
-                            end=named((), (), mesh, rules))
+                            end=named(("batch",)[:self.end.ndim], self.end.shape, mesh, rules))
+
+
+def write_at(buf, update, end, axis: int):
+    """``update`` written into ``buf`` at offset ``end`` along ``axis``: one offset for all rows (int []), or
+    one per row (int [B]; a vmapped slice update, which XLA lowers to an in-place scatter)."""
+    if jnp.ndim(end) == 0:
+        return jax.lax.dynamic_update_slice(buf, update, tuple(end if a == axis else 0 for a in range(buf.ndim)))
+
+    def row(b, u, e):
+        return jax.lax.dynamic_update_slice(b, u, tuple(e if a == axis - 1 else 0 for a in range(b.ndim)))
+
+    return jax.vmap(row)(buf, update, end)

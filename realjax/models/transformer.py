@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from realjax.models.config import ModelConfig
-from realjax.models.kv_cache import KVCache
+from realjax.models.kv_cache import KVCache, write_at
 from realjax.sharding import constrain, named
 
 _NEG = float(np.finfo(np.float32).min)  # finite, so a row with no visible key gives a uniform softmax, not NaN
@@ -133,14 +133,15 @@ class Attention(nnx.Module):
         S = key_mask_BS.shape[1]  # without a cache S = T; with one, the cache's window (KVCache.span)
         if kv is None:
             k_S, v_S, kv_spec, q_slot_T, new_kv = k_BTKH, v_BTKH, "BSKH", jnp.arange(T), None
-        else:
-            start = (0, 0, end, 0)
-            k_S = jax.lax.dynamic_update_slice(kv[0], k_BTKH.transpose(0, 2, 1, 3).astype(kv[0].dtype), start)
-            v_S = jax.lax.dynamic_update_slice(kv[1], v_BTKH.transpose(0, 2, 1, 3).astype(kv[1].dtype), start)
-            kv_spec, q_slot_T, new_kv = "BKSH", end + jnp.arange(T), (k_S, v_S)
+        else:  # ``end``: one slot clock [] or one per row [B] (KVCache)
+            k_S = write_at(kv[0], k_BTKH.transpose(0, 2, 1, 3).astype(kv[0].dtype), end, axis=2)
+            v_S = write_at(kv[1], v_BTKH.transpose(0, 2, 1, 3).astype(kv[1].dtype), end, axis=2)
+            kv_spec, new_kv = "BKSH", (k_S, v_S)
+            q_slot_T = jnp.expand_dims(end, -1) + jnp.arange(T)  # [T] or [B, T]
             # Read slots [0, S) only: a long decode then never streams the cache's unwritten tail.
             k_S, v_S = k_S[:, :, :S], v_S[:, :, :S]
-        visible_BTS = (jnp.arange(S)[None, :] <= q_slot_T[:, None])[None] & key_mask_BS[:, None, :]
+        q_slot_BT = jnp.broadcast_to(q_slot_T, (B, T))
+        visible_BTS = (jnp.arange(S)[None, None, :] <= q_slot_BT[:, :, None]) & key_mask_BS[:, None, :]
         q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
         # Grouped-query attention without repeating K/V: the G query heads of a kv head share it.
         logits_BKGTS = jnp.einsum(f"BTKGH,{kv_spec}->BKGTS", q_BTKGH, k_S.astype(dt),
@@ -229,7 +230,7 @@ class Transformer(nnx.Module):
         if cache is None:
             key_mask_BS, end = mask_BT, None
         else:
-            full_mask_BS = jax.lax.dynamic_update_slice(cache.mask, mask_BT, (0, cache.end))
+            full_mask_BS = write_at(cache.mask, mask_BT, cache.end, axis=1)
             key_mask_BS, end = full_mask_BS[:, :cache.span], cache.end
         call = _block_call
         if cfg.remat != "none":

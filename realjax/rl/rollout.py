@@ -19,7 +19,7 @@ import numpy as np
 
 from realjax import sharding as shd
 from realjax.data import batch_prompts, bucket_length
-from realjax.sampling import Sampler
+from realjax.sampling import Engine, Sampler
 
 RewardFn = Callable[[list[str], list[dict]], list[float]]
 
@@ -64,9 +64,10 @@ def mixed_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
 
 
 class RolloutCollector:
-    """Turns prompt rows into scored rollouts with one sampler on one mesh."""
+    """Turns prompt rows into scored rollouts with one sampler on one mesh: the continuous-batching
+    ``Engine`` (the trainer's), or the static ``Sampler`` (same samples, every row decoded to the end)."""
 
-    def __init__(self, sampler: Sampler, tokenizer, reward_fn: RewardFn, *, group_size: int,
+    def __init__(self, sampler: Engine | Sampler, tokenizer, reward_fn: RewardFn, *, group_size: int,
                  prompts_per_call: int, mesh):
         self.sampler, self.tokenizer, self.reward_fn = sampler, tokenizer, reward_fn
         self.group_size, self.prompts_per_call, self.mesh = group_size, prompts_per_call, mesh

@@ -41,7 +41,7 @@ from realjax.rl.batch import TrainState, UpdateBatch
 from realjax.rl.plan import make_plan
 from realjax.rl.rollout import RolloutCollector, Rollouts
 from realjax.rundir import atomic_write_text
-from realjax.sampling import Sampler
+from realjax.sampling import Engine, Sampler
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,8 +112,9 @@ class Trainer:
         cfg, r = self.cfg, self.cfg.rollout
         self.reward_fn, self.verifier, self.pool = components.build_reward_fn(cfg)
         self.eval_sampling = self.plan.eval_sampling
-        self.sampler = Sampler(self.plan.sampling, pad_id=self.tokenizer.pad_token_id, mesh=self.mesh,
-                               rules=shd.ROLLOUT_RULES)
+        # Rollouts decode only live rows (continuous batching); evaluation keeps the static sampler.
+        self.sampler = Engine(self.plan.sampling, pad_id=self.tokenizer.pad_token_id, slots=r.slots,
+                              compact_every=r.compact_every, mesh=self.mesh, rules=shd.ROLLOUT_RULES)
         self.collector = RolloutCollector(self.sampler, self.tokenizer, self.reward_fn, group_size=r.group_size,
                                           prompts_per_call=r.prompts_per_call, mesh=self.mesh)
         self.eval_sampler = Sampler(self.eval_sampling, pad_id=self.tokenizer.pad_token_id, mesh=self.mesh,

@@ -41,6 +41,7 @@ class DecodeState:
     last_B: jax.Array  # int32: the token to feed next
     prompt_len_B: jax.Array  # int32: real (unpadded) prompt tokens
     row_keys: jax.Array  # [B] PRNG keys
+    budget_B: jax.Array  # int32: a row ends after this many tokens (N, or less where the caller says)
     cache: KVCache
 
 
@@ -73,9 +74,16 @@ class Sampler:
         # The decode state, KV cache included, is replaced by the loop's result: donate it.
         self._decode = jax.jit(self._decode_fn, static_argnums=0, donate_argnums=2)
 
-    def __call__(self, graphdef, state, prompt_ids, prompt_mask, key, *, group_size: int = 1) -> SampleOutput:
-        """Sample ``group_size`` rollouts for each left-padded prompt row ([P, Tp] ids and 0/1 mask)."""
+    def __call__(self, graphdef, state, prompt_ids, prompt_mask, key, *, group_size: int = 1,
+                 budgets=None) -> SampleOutput:
+        """Sample ``group_size`` rollouts for each left-padded prompt row ([P, Tp] ids and 0/1 mask).
+
+        ``budgets`` (int [B], optional): per-row token budgets below N; ``realjax bench rollout`` draws them
+        from a length distribution (a row that runs out of budget is not ``finished``)."""
         ds = self._prefill(graphdef, state, prompt_ids, prompt_mask, key, group_size)
+        if budgets is not None:
+            budget_B = jnp.minimum(jnp.asarray(budgets, jnp.int32), ds.budget_B)
+            ds = ds.replace(budget_B=budget_B, done_B=ds.done_B | (ds.length_B >= budget_B))
         return self.finish(self.decode(graphdef, state, ds))
 
     def decode(self, graphdef, state, ds: DecodeState) -> DecodeState:
@@ -111,13 +119,13 @@ class Sampler:
                 logits_PV = jnp.repeat(logits_PV, group_size, axis=0)
         prompt_len_B = jnp.repeat(jnp.sum(mask_PT.astype(jnp.int32), axis=-1), group_size)
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B))
-        token_B, logp_B = choose(logits_PV, self._step_keys(row_keys, 0), cfg)
+        token_B, logp_B = choose(logits_PV, step_keys(row_keys, 0), cfg)
         return DecodeState(
             step=jnp.ones((), jnp.int32),
             tokens_BN=jnp.full((B, N), self.pad_id, jnp.int32).at[:, 0].set(token_B),
             logprobs_BN=jnp.zeros((B, N), jnp.float32).at[:, 0].set(logp_B),
-            length_B=jnp.ones((B,), jnp.int32), done_B=self._is_stop(token_B), last_B=token_B,
-            prompt_len_B=prompt_len_B, row_keys=row_keys, cache=cache)
+            length_B=jnp.ones((B,), jnp.int32), done_B=stop_mask(token_B, cfg.stop_ids), last_B=token_B,
+            prompt_len_B=prompt_len_B, row_keys=row_keys, budget_B=jnp.full((B,), N, jnp.int32), cache=cache)
 
     def _decode_fn(self, graphdef, state, ds: DecodeState) -> DecodeState:
         self.trace_counts["decode"] += 1
@@ -136,16 +144,17 @@ class Sampler:
                 h_B1D, cache = model.hidden_states(ds.last_B[:, None], positions_B1, jnp.ones((B, 1), bool),
                                                    cache=ds.cache)
                 logits_BV = model.logits(h_B1D)[:, 0]
-            token_B, logp_B = choose(logits_BV, self._step_keys(ds.row_keys, ds.step), cfg)
+            token_B, logp_B = choose(logits_BV, step_keys(ds.row_keys, ds.step), cfg)
             token_B = jnp.where(ds.done_B, self.pad_id, token_B)
             logp_B = jnp.where(ds.done_B, 0.0, logp_B)
             at = (0, ds.step)
+            length_B = ds.length_B + (~ds.done_B).astype(jnp.int32)
             return ds.replace(
                 step=ds.step + 1,
                 tokens_BN=jax.lax.dynamic_update_slice(ds.tokens_BN, token_B[:, None], at),
                 logprobs_BN=jax.lax.dynamic_update_slice(ds.logprobs_BN, logp_B[:, None], at),
-                length_B=ds.length_B + (~ds.done_B).astype(jnp.int32),
-                done_B=ds.done_B | self._is_stop(token_B), last_B=token_B, cache=cache)
+                length_B=length_B, done_B=ds.done_B | stop_mask(token_B, cfg.stop_ids) | (length_B >= ds.budget_B),
+                last_B=token_B, cache=cache)
 
         return jax.lax.while_loop(cond, body, ds)
 
@@ -153,22 +162,28 @@ class Sampler:
     def finish(self, ds: DecodeState) -> SampleOutput:
         N = ds.tokens_BN.shape[1]
         mask_BN = (jnp.arange(N)[None, :] < ds.length_B[:, None]).astype(jnp.float32)
+        # A row is finished when it ended on a stop id: its last token is one.
+        last_B = jnp.take_along_axis(ds.tokens_BN, jnp.maximum(ds.length_B - 1, 0)[:, None], axis=1)[:, 0]
         return SampleOutput(tokens=ds.tokens_BN, mask=mask_BN, logprobs=ds.logprobs_BN * mask_BN,
-                            lengths=ds.length_B, finished=ds.done_B)
-
-    def _is_stop(self, token_B):
-        if not self.cfg.stop_ids:
-            return jnp.zeros(token_B.shape, bool)
-        return jnp.isin(token_B, jnp.asarray(self.cfg.stop_ids, jnp.int32))
-
-    @staticmethod
-    def _step_keys(row_keys, step):
-        return jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+                            lengths=ds.length_B, finished=ds.done_B & stop_mask(last_B, self.cfg.stop_ids))
 
     def _constrain(self, cache: KVCache) -> KVCache:
         if self.mesh is None:
             return cache
         return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache.shardings(self.mesh, self.rules))
+
+
+def stop_mask(token_B, stop_ids: tuple[int, ...]):
+    """Bool [B]: the token is one of ``stop_ids``."""
+    if not stop_ids:
+        return jnp.zeros(token_B.shape, bool)
+    return jnp.isin(token_B, jnp.asarray(stop_ids, jnp.int32))
+
+
+def step_keys(row_keys, step):
+    """The keys of one step: ``fold_in(row_key, step)`` per row (``step`` [] or one per row [B]): a row's
+    draw at token t depends on its own key and t only, whatever batch or slot it runs in."""
+    return jax.vmap(jax.random.fold_in, (0, 0 if jnp.ndim(step) else None))(row_keys, step)
 
 
 def decode_windows(prompt_slots: int, max_new_tokens: int, window_tokens: int) -> tuple[int, ...]:

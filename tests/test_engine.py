@@ -1,0 +1,109 @@
+"""The continuous-batching engine draws the static sampler's samples, row for row, whatever its schedule."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from _tiny import make_hf_model
+from flax import nnx
+
+from realjax import sharding as shd
+from realjax.data import batch_prompts
+from realjax.models import from_pretrained
+from realjax.sampling import Engine, Sampler, SamplingConfig
+from realjax.sampling.engine import bucket_sizes
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [20, 21, 22], [23], [30, 31, 32, 33, 34]]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # One family: the engine drives the model's forward unchanged (tests/test_sampler.py covers families).
+    d = tmp_path_factory.mktemp("qwen2")
+    make_hf_model("qwen2", d, seed=3)
+    return from_pretrained(d)
+
+
+def _run(sampler, model, *, group_size=2, budgets=None, mesh=None, seed=0):
+    ids, mask = batch_prompts(PROMPTS, 0, buckets=(8,))
+    if mesh is not None:
+        ids, mask = shd.put_batch((ids, mask), mesh, sampler.rules)
+    graphdef, state = nnx.split(model)
+    out = sampler(graphdef, state, ids, mask, jax.random.key(seed), group_size=group_size, budgets=budgets)
+    return jax.tree.map(np.asarray, out)
+
+
+def _assert_same(got, want):
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.finished, want.finished)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
+def _budgets(rows, new, seed=0):
+    """Per-row budgets spread over [1, new]: rows end at different steps, as the bench's length oracle."""
+    return np.random.default_rng(seed).integers(1, new + 1, rows)
+
+
+def _stop_id(model, cfg, group_size, budgets):
+    """A token that some row emits at step 1 of this very run: rows that emit it stop there, others not."""
+    free = _run(Sampler(cfg, pad_id=0), model, group_size=group_size, budgets=budgets)
+    return int(free.tokens[np.flatnonzero(free.lengths >= 3)[0], 1])
+
+
+def _check(model, cfg, *, slots, compact_every, group_size=2, stop=False):
+    budgets = _budgets(len(PROMPTS) * group_size, cfg.max_new_tokens)
+    if stop:
+        cfg = dataclasses.replace(cfg, stop_ids=(_stop_id(model, cfg, group_size, budgets),))
+    want = _run(Sampler(cfg, pad_id=0), model, group_size=group_size, budgets=budgets)
+    engine = Engine(cfg, pad_id=0, slots=slots, compact_every=compact_every)
+    _assert_same(_run(engine, model, group_size=group_size, budgets=budgets), want)
+    sizes = [b for b, _, _ in engine.stats.chunks]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]  # the batch did shrink
+    if slots:  # rows waited in the queue and refilled free slots
+        assert sizes[0] <= slots and engine.trace_counts["insert"] >= 1
+    # Compaction runs fewer row-steps than the static loop's rows x longest row.
+    assert engine.stats.row_steps < budgets.size * (budgets.max() - 1)
+    return want
+
+
+def test_engine_equals_static_sampler_sampled_with_refill_and_stops(model):
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, window_tokens=8)
+    want = _check(model, cfg, slots=5, compact_every=4, stop=True)
+    assert want.finished.any() and not want.finished.all()
+
+
+def test_engine_equals_static_sampler_greedy_with_windows(model):
+    _check(model, SamplingConfig(max_new_tokens=12, temperature=0.0, window_tokens=4), slots=0, compact_every=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("slots,compact_every", [(0, 1), (0, 5), (3, 2), (7, 3), (12, 4)])
+@pytest.mark.parametrize("stop", [False, True])
+def test_engine_equals_static_sampler_every_schedule(model, temperature, slots, compact_every, stop):
+    cfg = SamplingConfig(max_new_tokens=12, temperature=temperature, window_tokens=5)
+    _check(model, cfg, slots=slots, compact_every=compact_every, group_size=3, stop=stop)
+
+
+def test_engine_on_a_mesh_equals_one_device(tmp_path):
+    make_hf_model("qwen2", tmp_path, seed=4)
+    mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.8, window_tokens=10)
+    budgets = _budgets(12, 10, seed=1)
+    want = _run(Sampler(cfg, pad_id=0), from_pretrained(tmp_path), budgets=budgets)
+    engine = Engine(cfg, pad_id=0, slots=8, compact_every=4, mesh=mesh)
+    sharded = from_pretrained(tmp_path, mesh=mesh, rules=shd.ROLLOUT_RULES)
+    got = _run(engine, sharded, budgets=budgets, mesh=mesh)
+    _assert_same(got, want)
+    assert all(b % 4 == 0 for b, _, _ in engine.stats.chunks)  # batch axis stays divisible by data x fsdp
+
+
+def test_bucket_sizes_are_few_and_divisible():
+    assert bucket_sizes(64) == (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64)
+    assert bucket_sizes(64, 8) == (8, 16, 24, 32, 40, 48, 56, 64)
+    assert bucket_sizes(12, 4) == (4, 8, 12)
+    sizes = bucket_sizes(1024, 4)
+    assert len(sizes) <= 40 and all(s % 4 == 0 for s in sizes) and sizes[-1] == 1024
