@@ -152,6 +152,16 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
         data.load_rows(f"{tmp_path / 'dict'}:valid")
 
 
+def test_damaged_save_to_disk_dataset_is_one_line(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([_row(answer=str(i)) for i in range(5)]).save_to_disk(str(tmp_path / "d"))
+    for arrow in (tmp_path / "d").glob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:40])  # truncated
+    with pytest.raises(data.DataError, match="not a readable saved HF dataset") as err:
+        data.load_rows(str(tmp_path / "d"))
+    assert "\n" not in str(err.value) and str(tmp_path / "d") in str(err.value)
+
+
 def test_synthetic_spec():
     pytest.importorskip("realjax.rewards.synthetic", reason="realjax.rewards.synthetic not written yet")
     rows, report = data.load_rows("synthetic:arithmetic?n=50&seed=3&max_ops=2")

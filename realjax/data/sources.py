@@ -233,12 +233,18 @@ def _read_dir(path: Path, split: str | None) -> Iterable[Any]:
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         import datasets
 
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = _pick_split(loaded, split, str(path))
-        elif split is not None:
-            raise DataError(f"{path} is a single Dataset, not a DatasetDict: drop ':{split}'")
-        return loaded.to_list()
+        try:
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = _pick_split(loaded, split, str(path))
+            elif split is not None:
+                raise DataError(f"{path} is a single Dataset, not a DatasetDict: drop ':{split}'")
+            return loaded.to_list()
+        except DataError:
+            raise
+        except Exception as e:  # a damaged save_to_disk directory: arrow, JSON or missing-file errors
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise DataError(f"{path}: not a readable saved HF dataset ({type(e).__name__}: {first})") from None
     found = sorted(p for p in path.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     # One kind only: a hub snapshot keeps metadata .json files beside its parquet shards.
