@@ -25,8 +25,8 @@ def model(tmp_path_factory):
     return from_pretrained(d)
 
 
-def _run(sampler, model, *, group_size=2, budgets=None, mesh=None, seed=0):
-    ids, mask = batch_prompts(PROMPTS, 0, buckets=(8,))
+def _run(sampler, model, *, group_size=2, budgets=None, mesh=None, seed=0, prompts=PROMPTS):
+    ids, mask = batch_prompts(prompts, 0, buckets=(8,))
     if mesh is not None:
         ids, mask = shd.put_batch((ids, mask), mesh, sampler.rules)
     graphdef, state = nnx.split(model)
@@ -92,11 +92,12 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path):
     make_hf_model("qwen2", tmp_path, seed=4)
     mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.8, window_tokens=10)
-    budgets = _budgets(12, 10, seed=1)
-    want = _run(Sampler(cfg, pad_id=0), from_pretrained(tmp_path), budgets=budgets)
-    engine = Engine(cfg, pad_id=0, slots=8, compact_every=4, mesh=mesh)
+    prompts = PROMPTS[:4]  # the prompt batch splits over the 4 data-parallel devices
+    budgets = _budgets(8, 10, seed=1)
+    want = _run(Sampler(cfg, pad_id=0), from_pretrained(tmp_path), budgets=budgets, prompts=prompts)
+    engine = Engine(cfg, pad_id=0, slots=4, compact_every=4, mesh=mesh)
     sharded = from_pretrained(tmp_path, mesh=mesh, rules=shd.ROLLOUT_RULES)
-    got = _run(engine, sharded, budgets=budgets, mesh=mesh)
+    got = _run(engine, sharded, budgets=budgets, mesh=mesh, prompts=prompts)
     _assert_same(got, want)
     assert all(b % 4 == 0 for b, _, _ in engine.stats.chunks)  # batch axis stays divisible by data x fsdp
 
