@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from realjax.is_correction import is_weights
 from realjax.losses import LossTerms, Mean
 from realjax.models.logprobs import token_logprobs
 from realjax.rl.batch import TrainState, UpdateBatch
@@ -52,10 +53,18 @@ def make_optimizer(lr: float, *, weight_decay: float, grad_clip: float, b1: floa
 
 
 def batch_terms(model, batch: UpdateBatch, terms_fn, hparams: dict, *, group_size: int, temperature: float,
-                chunk_tokens: int) -> LossTerms:
-    """The objective's terms on one (micro-)batch, with the policy's entropy over the kept tokens."""
+                chunk_tokens: int, is_correction: tuple[str, float] = ("none", 0.0)) -> LossTerms:
+    """The objective's terms on one (micro-)batch, with the policy's entropy over the kept tokens.
+
+    ``is_correction``: (mode, cap) of ``rollout.is_correction``; applied when the batch carries the sampler's
+    log-probs (``sampler_logp_BA``) beside the recomputed old ones.
+    """
     logp, entropy = policy_logprobs(model, batch, temperature=temperature, chunk_tokens=chunk_tokens)
     kw = dict(hparams) if batch.ref_logp_BA is None else dict(hparams, ref_logp=batch.ref_logp_BA)
+    mode, cap = is_correction
+    if mode != "none" and batch.sampler_logp_BA is not None:
+        kw["is_weight"] = is_weights(batch.old_logp_BA, batch.sampler_logp_BA, batch.resp_mask_BA, mode=mode,
+                                     cap=cap, row_mask_B=batch.row_mask_B).weight
     terms = terms_fn(logp, batch.old_logp_BA, batch.resp_mask_BA, batch.rewards_B, group_size=group_size,
                      row_mask=batch.row_mask_B, **kw)
     m_BA = batch.resp_mask_BA * batch.row_mask_B[:, None]
@@ -64,18 +73,20 @@ def batch_terms(model, batch: UpdateBatch, terms_fn, hparams: dict, *, group_siz
 
 
 def make_update_step(graphdef, optimizer, terms_fn, hparams: dict, *, group_size: int, temperature: float,
-                     chunk_tokens: int, shardings: TrainState | None = None):
+                     chunk_tokens: int, shardings: TrainState | None = None,
+                     is_correction: tuple[str, float] = ("none", 0.0)):
     """The jitted ``(state: TrainState, batch: UpdateBatch) -> (state, metrics: dict[str, Mean])``.
 
     ``batch`` leaves are ``[M, rows, ...]``: M micro-batches of whole groups (``rows`` a multiple of
     ``group_size``). ``terms_fn`` is a ``realjax.losses.TERMS`` entry. The metrics are :class:`Mean`\\ s so
     that the caller can add those of several updates and divide once; counters (valid groups, skipped
-    updates) are per-update means. ``shardings``: the state's shardings, kept across steps.
+    updates) are per-update means. ``shardings``: the state's shardings, kept across steps. ``is_correction``:
+    see :func:`batch_terms`.
     """
 
     def micro(params, mb: UpdateBatch):
         terms = batch_terms(nnx.merge(graphdef, params), mb, terms_fn, hparams, group_size=group_size,
-                            temperature=temperature, chunk_tokens=chunk_tokens)
+                            temperature=temperature, chunk_tokens=chunk_tokens, is_correction=is_correction)
         return terms.loss_sum.total, terms
 
     grad_fn = jax.grad(micro, has_aux=True)
