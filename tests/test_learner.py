@@ -20,7 +20,7 @@ from realjax.rl.update import make_update_step
 R = 4
 # Exact metrics (up to float32 summation order); counters are per update.
 EXACT_METRICS = ("loss", "entropy", "score_mean", "kl_old_k1", "kl_old_k3", "valid_groups", "clip_frac", "kl_ref",
-                 "thresholds")
+                 "thresholds", *(f"grad_weight/{lab}_{k}" for lab in ("pos", "neg") for k in ("mean", "max", "t1", "t2", "t3")))
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,6 +71,7 @@ def test_micro_batches_never_change_the_update(name, k):
     for key in EXACT_METRICS:
         if key in m1:
             np.testing.assert_allclose(mk[key], m1[key], rtol=1e-4, atol=1e-6, err_msg=f"{key}, k={k}")
+    assert m1["grad_weight/pos_max"] + m1["grad_weight/neg_max"] > 0, "the gradient weights must be measured"
 
 
 @pytest.mark.parametrize("name,mode", [("real", "seq_mis"), ("dapo", "token_tis"),

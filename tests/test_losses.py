@@ -446,3 +446,66 @@ def test_real_weighted_gradient_stays_bounded_by_one_over_tau():
     g = testing.score_grads(functools.partial(losses.real_loss, is_weight=w), b, group_size=G)
     testing.assert_bounded(g * 4, 1 / TAU)
     assert not np.any(np.asarray(g)[np.asarray(w) == 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The gradient-weight mechanism as the learner measures it (realjax.grad_weights), against Fig. 1
+# ----------------------------------------------------------------------------------------------------
+from realjax.grad_weights import Max, RowGrads, grad_weight_metrics, row_grads  # noqa: E402
+
+
+def _fig1_batch():
+    """One group of 4 one-token rollouts, old policy at 0: positives at s = 0 and s = -0.15 (a hard
+    positive, less likely than under the old policy), negatives at s = 0 and s = +0.15 (a confident one);
+    inside GRPO's clip range, so no token is clipped."""
+    s = np.array([0.0, -0.15, 0.0, 0.15], np.float32)
+    return {"logp": s[:, None] - 1.0, "old_logp": np.full((4, 1), -1.0, np.float32), "mask": np.ones((4, 1), np.float32),
+            "rewards": np.array([1.0, 1.0, 0.0, 0.0], np.float32)}, s
+
+
+def _weights(name, b, G, **hp):
+    rows = row_grads(losses.TERMS[name], b["logp"], b["old_logp"], b["mask"], b["rewards"], group_size=G, **hp)
+    return np.asarray(rows.weight_B, np.float64), rows
+
+
+def test_grpo_gradient_weight_shrinks_on_hard_positives_and_grows_on_confident_negatives():
+    b, s = _fig1_batch()
+    w, _ = _weights("grpo", b, 4)
+    np.testing.assert_allclose(w, np.abs(np_adv(b["rewards"], 4)) * np.exp(s.astype(np.float64)), rtol=1e-5)
+    assert w[1] < w[0] and w[3] > w[2]  # PAPER.md 1.2 misassignment, 1.3 domination
+
+
+def test_real_gradient_weight_is_the_closed_form_and_bounded():
+    b, s = _fig1_batch()
+    w, _ = _weights("real", b, 4, tau=TAU)
+    np.testing.assert_allclose(w, np.abs(real_closed_form(s, b["rewards"], 4)), rtol=1e-5)  # one group: S = L
+    assert w[1] > w[0] and w[3] > w[2] and w.max() < 1 / TAU  # the hard positive gets more, all below 1/tau
+    big = testing.random_grouped_batch(4, num_groups=6, group_size=8, score_scale=3.0)
+    w, _ = _weights("real", big, 8, tau=TAU)
+    assert 0 < w.max() < 1 / TAU
+    np.testing.assert_allclose(w, np.abs(real_closed_form(np_scores(big), big["rewards"], 8)) * 6, rtol=1e-4, atol=1e-7)
+
+
+def test_grad_weight_metrics_by_label_and_confidence_tercile():
+    rng = np.random.default_rng(0)
+    w, conf = rng.uniform(0, 2, 12).astype(np.float32), rng.normal(size=12).astype(np.float32)
+    pos = np.array([1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 0], np.float32)
+    neg = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0], np.float32)  # rows 9 and 11 carry no signal
+    m = grad_weight_metrics(RowGrads(*(jnp.asarray(x).reshape(2, 6) for x in (w, conf, pos, neg))))
+    signal = np.flatnonzero(pos + neg)
+    tercile = np.empty(12, int)
+    tercile[signal[np.argsort(conf[signal])]] = np.arange(len(signal)) * 3 // len(signal)
+    for name, lab in (("pos", pos), ("neg", neg)):
+        np.testing.assert_allclose(float(m[f"grad_weight/{name}_mean"].value), w[lab > 0].mean(), rtol=1e-6)
+        assert float(m[f"grad_weight/{name}_max"].value) == w[lab > 0].max()
+        for t in range(3):
+            sel = (lab > 0) & (tercile == t)
+            want = w[sel].mean() if sel.any() else 0.0
+            np.testing.assert_allclose(float(m[f"grad_weight/{name}_t{t + 1}"].value), want, rtol=1e-6)
+    assert float((Max(jnp.float32(1.0)) + Max(jnp.float32(3.0))).value) == 3.0
+
+
+def test_gradient_weights_of_degenerate_groups_are_left_out():
+    b = testing.random_grouped_batch(1, num_groups=4, group_size=4)  # groups 0 and 1 degenerate
+    _, rows = _weights("grpo", b, 4)
+    assert not np.any(np.asarray(rows.pos_B + rows.neg_B)[:8])
