@@ -47,7 +47,8 @@ def is_weights(old_logp_BA, sampler_logp_BA, mask_BA, *, mode: str, cap: float, 
         raise ValueError(f"unknown importance-correction mode {mode!r}; choose one of {MODES[1:]}")
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     mask_BA = f32(mask_BA) * (1.0 if row_mask_B is None else f32(row_mask_B)[:, None])
-    log_w = mask_BA * (f32(old_logp_BA) - f32(sampler_logp_BA))
+    # `where`, not a product: a padded position may hold -inf, and 0 * inf is NaN.
+    log_w = jnp.where(mask_BA > 0, f32(old_logp_BA) - f32(sampler_logp_BA), 0.0)
     unit = mask_BA
     if mode.startswith("seq"):
         length_B = jnp.sum(mask_BA, -1)

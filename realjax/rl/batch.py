@@ -20,10 +20,10 @@ class UpdateBatch:
 
     A row is ``[prompt (left-padded, Q) | response (A)]``. ``row_mask_B`` is 1.0 for rows that take part
     in the loss and 0.0 for rows dropped whole (DAPO's overlong filter drops truncated responses).
-    ``sampler_logp_BA`` is what the sampler reported; ``old_logp_BA`` the log-probs the loss uses as the
-    old policy (the sampler's, or a recomputation); ``ref_logp_BA`` is set only for objectives with a
-    reference-KL term. ``sampler_logp_BA`` is set only with a mismatch correction
-    (``rollout.is_correction``): the behaviour policy's log-probs beside the recomputed ``old_logp_BA``.
+    ``old_logp_BA`` holds the log-probs the loss uses as the old policy (the sampler's, or a recomputation);
+    ``ref_logp_BA`` is set only for objectives with a reference-KL term; ``sampler_logp_BA`` (what the
+    sampler reported, the behaviour policy) only with a mismatch correction (``rollout.is_correction``),
+    beside the recomputed ``old_logp_BA``.
     """
 
     prompt_ids_BQ: Any  # int32
