@@ -74,7 +74,7 @@ def test_micro_batches_never_change_the_update(name, k):
     assert m1["grad_weight/pos_max"] + m1["grad_weight/neg_max"] > 0, "the gradient weights must be measured"
 
 
-@pytest.mark.parametrize("name,mode", [("real", "seq_mis"), ("dapo", "token_tis"),
+@pytest.mark.parametrize("name,mode", [("real", "seq_mis"), pytest.param("dapo", "token_tis", marks=pytest.mark.slow),
                                        pytest.param("real_bce", "seq_tis", marks=pytest.mark.slow),
                                        pytest.param("grpo", "token_mis", marks=pytest.mark.slow)])
 def test_micro_batches_with_importance_weights_stay_exact(name, mode):
