@@ -235,3 +235,31 @@ def test_every_loss_key_is_some_objectives_and_typos_still_fail():
     assert {f.name for f in dataclasses.fields(LossSection)} - {"name"} == taken
     with pytest.raises(ConfigError, match="unknown config key loss.tua; did you mean loss.tau"):
         load_config(SHIPPED[0], ["loss.tua=0.5"])
+
+
+@pytest.mark.slow
+def test_trainer_keeps_the_sampler_logp_and_logs_weights_and_gradient_weights(tmp_path):
+    """Wiring through a real (tiny) run: with the recompute pass and seq_tis the step logs the importance
+    weights (about 1 here: fp32 sampler and learner compute the same numbers) and the gradient weights
+    (REAL's below 1/tau = 2)."""
+    import json
+
+    from realjax.commands import demo_config_path
+    from realjax.config import load_config
+    from realjax.rl import Trainer
+
+    cfg = load_config(demo_config_path(), [f"output_dir={tmp_path}", "rollout.prompts_per_step=4",
+                                           "rollout.group_size=4", "trainer.steps=2",
+                                           "trainer.eval_every=0", "eval.before=false", "trainer.export=false",
+                                           "logging.progress=false", "mesh.fsdp=4", "mesh.tensor=2", "rollout.old_logp=recompute",
+                                           "rollout.is_correction=seq_tis", "rollout.is_cap=1.5"])
+    Trainer(cfg).run()
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert len(rows) == 2
+    for r in rows:
+        assert abs(r["is/ratio_mean"] - 1.0) < 1e-3 and r["is/cut_frac"] == 0.0
+        assert 0.0 <= r["grad_weight/pos_max"] < 2.0 and 0.0 <= r["grad_weight/neg_max"] < 2.0
+        # only rollouts of mixed groups carry a signal
+        assert (r["grad_weight/pos_mean"] + r["grad_weight/neg_mean"] > 0) == (r["valid_groups"] > 0)
+    assert any(r["valid_groups"] > 0 for r in rows), "the test run must have a mixed group"
