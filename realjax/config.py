@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 import yaml
 
+from realjax.is_correction import MODES, ROLLOUT_OBJECTIVES
 from realjax.losses import LOSSES, hparams_of
 from realjax.sharding import MeshConfig
 
@@ -95,6 +96,10 @@ class RolloutSection:
     dynamic_sampling: bool = False  # DAPO: resample until every group has mixed rewards
     max_sampling_rounds: int = 3  # dynamic sampling gives up after this many rounds (fills with degenerate)
     overlong_filter: bool = False  # DAPO: truncated responses are masked out of the loss
+    # Rollout/learner mismatch correction (README "Mismatch correction"): none (the paper) | token_tis |
+    # token_mis | seq_tis | seq_mis; needs the recompute pass (old_logp auto then recomputes). is_cap: C > 1.
+    is_correction: str = "none"
+    is_cap: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +332,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.prompts_per_call={r.prompts_per_call} must divide rollout.prompts_per_step")
     if r.old_logp not in ("auto", "sampler", "recompute"):
         raise ConfigError(f"rollout.old_logp must be auto, sampler or recompute, got {r.old_logp!r}")
+    _check_is_correction(cfg)
     if o.schedule not in ("constant", "cosine", "linear"):
         raise ConfigError(f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}")
     for key, value in (("model.param_dtype", cfg.model.param_dtype), ("model.dtype", cfg.model.dtype)):
@@ -340,3 +346,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.remat must be none, full or dots, got {cfg.model.remat!r}")
     if not cfg.data.train:
         raise ConfigError("data.train is not set (a data spec: file, directory, hub name or synthetic:...)")
+
+
+def _check_is_correction(cfg: Config) -> None:
+    r = cfg.rollout
+    if r.is_correction not in MODES:
+        raise ConfigError(f"rollout.is_correction must be one of {', '.join(MODES)}, got {r.is_correction!r}")
+    if not r.is_cap > 1:
+        raise ConfigError(f"rollout.is_cap must be > 1 (weights are cut outside [1/C, C]), got {r.is_cap}")
+    if r.is_correction == "none":
+        return
+    if r.old_logp == "sampler":
+        raise ConfigError(f"rollout.is_correction={r.is_correction} needs the learner's own old log-probs: set "
+                          "rollout.old_logp to recompute or auto (it is sampler)")
+    if r.is_correction.startswith("token") and cfg.loss.name in ROLLOUT_OBJECTIVES:
+        raise ConfigError(f"rollout.is_correction={r.is_correction}: loss.name={cfg.loss.name} weighs whole rollouts; "
+                          f"use seq_{r.is_correction.split('_')[1]}")

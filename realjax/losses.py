@@ -11,7 +11,12 @@ of R = ``group_size`` rollouts, rows of one group contiguous (``b // R`` is the 
 and no boolean indexing: every selection is a mask, so shapes are static and every function jits once.
 ``row_mask`` ([B], 1 = the row takes part) drops whole rows, e.g. truncated responses under DAPO's
 overlong filter: a dropped row is neither a label nor a token nor a row of any count, exactly as if it
-had been removed from the batch.
+had been removed from the batch. ``is_weight`` (a constant of the batch, ``realjax.is_correction``) corrects for
+rollouts sampled by a behaviour policy other than the old one: for the REAL family a [B] weight multiplies
+each rollout's exp term inside the group logsumexp (BCE: the rollout's term; product: each pair's term by
+both rollouts' weights), a weight of 0 removes the rollout from its sums; for the token-level objectives a
+[B, A] (or [B]) weight multiplies each token's clipped surrogate (not GRPO's reference-KL term). Normalisers
+are unchanged.
 
 Exact sums. Each objective is a *sum of terms divided by a normaliser that does not depend on the
 parameters*: groups (REAL, product, ordinal), labelled rows of valid groups (BCE), rows (GRPO, GSPO),
@@ -53,7 +58,7 @@ LossFn = Callable[..., tuple[jax.Array, Metrics]]
 
 _ADV_EPS = 1e-6  # verl's epsilon in (r - mean) / (std + eps)
 # Keyword arguments of an objective that are inputs, not hyper-parameters a config may set.
-INPUT_KWARGS = ("group_size", "row_mask", "ref_logp")
+INPUT_KWARGS = ("group_size", "row_mask", "ref_logp", "is_weight")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,6 +109,28 @@ def _inputs(logp, old_logp, mask, rewards, row_mask):
     logp, old_logp, mask, rewards = f32(logp), f32(old_logp), f32(mask), f32(rewards)
     keep_B = jnp.ones_like(rewards) if row_mask is None else f32(row_mask)
     return logp, old_logp, mask * keep_B[:, None], rewards, keep_B
+
+
+def _rollout_weights(is_weight, group_size, rewards_B):
+    """REAL family: the rollouts' importance weights [P, R] (1 without correction) as the log-shift of each
+    rollout's exp term and the selection of rollouts with a non-zero weight (``realjax.is_correction``)."""
+    if is_weight is None:
+        w_B = jnp.ones_like(rewards_B)
+    else:
+        w_B = jax.lax.stop_gradient(jnp.asarray(is_weight, jnp.float32))
+        if w_B.shape != rewards_B.shape:
+            raise ValueError(f"the REAL family weights whole rollouts: is_weight must be [B] = {rewards_B.shape}, "
+                             f"got {w_B.shape} (use a sequence-level correction)")
+    w_PR = _grouped(w_B, group_size)
+    return w_PR, jnp.log(jnp.where(w_PR > 0, w_PR, 1.0)), w_PR > 0
+
+
+def _token_weights(is_weight):
+    """Token-level objectives: the weight that multiplies each token's surrogate, [B, A] or [B, 1]."""
+    if is_weight is None:
+        return 1.0
+    w = jax.lax.stop_gradient(jnp.asarray(is_weight, jnp.float32))
+    return w[:, None] if w.ndim == 1 else w
 
 
 def sequence_scores(logp_BA, old_logp_BA, mask_BA):
@@ -183,18 +210,20 @@ def _terms(loss_total, loss_weight, logp_BA, old_logp_BA, mask_BA, keep_B, s_B, 
 # ----------------------------------------------------------------------------------------------------
 # REAL family
 # ----------------------------------------------------------------------------------------------------
-def real_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, tau=0.5):
+def real_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, is_weight=None, tau=0.5):
     """REAL (paper Eq. 8) with anchor logits; ``sum over valid groups / number of groups``."""
     logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
     s_B = sequence_scores(logp, old_logp, mask)
     pos_PR, neg_PR, valid_P = _labels(rewards, keep_B, group_size)
     z_PR = _grouped(s_B, group_size) / tau
-    loss_P = log1p_sum_exp(-z_PR, pos_PR) + log1p_sum_exp(z_PR, neg_PR)
+    # An importance weight multiplies the rollout's exp term: e^{-s/tau} -> w e^{-s/tau} (a logit shift of log w).
+    _, lw_PR, live_PR = _rollout_weights(is_weight, group_size, rewards)
+    loss_P = log1p_sum_exp(lw_PR - z_PR, pos_PR & live_PR) + log1p_sum_exp(lw_PR + z_PR, neg_PR & live_PR)
     return _terms(jnp.sum(jnp.where(valid_P, loss_P, 0.0)), _groups(keep_B, group_size),
                   logp, old_logp, mask, keep_B, s_B, valid_P)
 
 
-def real_bce_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, tau=0.5):
+def real_bce_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, is_weight=None, tau=0.5):
     """REAL-BCE: each rollout classified against the 0 anchor alone, ``BCE(s / tau, r == 1)``.
 
     Averaged over the labelled rollouts of valid groups (the released code's ``reduction='mean'``), 0
@@ -206,23 +235,25 @@ def real_bce_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, 
     z_PR = _grouped(s_B, group_size) / tau
     # BCE with logits: softplus(z) - y z; rows that are neither label (graded rewards) are left out.
     bce_PR = jax.nn.softplus(z_PR) - pos_PR * z_PR
+    bce_PR = bce_PR * _rollout_weights(is_weight, group_size, rewards)[0]  # each rollout's term, weighted
     w_PR = valid_P[:, None] & (pos_PR | neg_PR)
     return _terms(jnp.sum(jnp.where(w_PR, bce_PR, 0.0)), jnp.sum(w_PR), logp, old_logp, mask, keep_B, s_B, valid_P)
 
 
-def real_product_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, tau=0.5):
+def real_product_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, is_weight=None, tau=0.5):
     """Product (circle-loss) form without anchors: ``log(1 + sum_pos sum_neg e^{(s_neg - s_pos)/tau})``."""
     logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
     s_B = sequence_scores(logp, old_logp, mask)
     pos_PR, neg_PR, valid_P = _labels(rewards, keep_B, group_size)
     z_PR = _grouped(s_B, group_size) / tau
-    pair_P = masked_logsumexp(z_PR, neg_PR) + masked_logsumexp(-z_PR, pos_PR)
+    _, lw_PR, live_PR = _rollout_weights(is_weight, group_size, rewards)  # a pair's term: w_pos w_neg e^{..}
+    pair_P = masked_logsumexp(lw_PR + z_PR, neg_PR & live_PR) + masked_logsumexp(lw_PR - z_PR, pos_PR & live_PR)
     loss_P = jax.nn.softplus(jnp.where(valid_P, pair_P, 0.0))
     return _terms(jnp.sum(jnp.where(valid_P, loss_P, 0.0)), _groups(keep_B, group_size),
                   logp, old_logp, mask, keep_B, s_B, valid_P)
 
 
-def real_ordinal_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, tau=0.5):
+def real_ordinal_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, is_weight=None, tau=0.5):
     """Our extension for graded rewards: REAL summed over the thresholds between a group's levels.
 
     For each distinct reward level ``l`` of a group except its highest, rollouts with ``r > l`` are the
@@ -245,8 +276,11 @@ def real_ordinal_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=No
     used_PL = first_PL & jnp.any(pos_PLR, axis=-1)  # the top level proposes no threshold
     P = r_PR.shape[0]
     z_QR = jnp.broadcast_to(z_PR[:, None, :], (P, R, R)).reshape(P * R, R)
-    loss_PL = (log1p_sum_exp(-z_QR, pos_PLR.reshape(P * R, R))
-               + log1p_sum_exp(z_QR, neg_PLR.reshape(P * R, R))).reshape(P, R)
+    _, lw_PR, live_PR = _rollout_weights(is_weight, group_size, rewards)
+    lw_QR = jnp.broadcast_to(lw_PR[:, None, :], (P, R, R)).reshape(P * R, R)
+    live_PLR = live_PR[:, None, :]
+    loss_PL = (log1p_sum_exp(lw_QR - z_QR, (pos_PLR & live_PLR).reshape(P * R, R))
+               + log1p_sum_exp(lw_QR + z_QR, (neg_PLR & live_PLR).reshape(P * R, R))).reshape(P, R)
     return _terms(jnp.sum(jnp.where(used_PL, loss_PL, 0.0)), _groups(keep_B, group_size), logp, old_logp, mask,
                   keep_B, s_B, jnp.any(used_PL, axis=-1), thresholds=jnp.sum(used_PL.astype(jnp.float32)))
 
@@ -285,9 +319,10 @@ def _token_sum(x_BA, mask_BA) -> Mean:
     return Mean(jnp.sum(mask_BA * x_BA), jnp.sum(mask_BA))
 
 
-def _policy_gradient(logp, old_logp, mask, adv_B, clip_low, clip_high):
+def _policy_gradient(logp, old_logp, mask, adv_B, clip_low, clip_high, is_weight=None):
+    """Each token's clipped surrogate times its importance weight (1 without correction)."""
     pg_BA, clipped_BA = _clipped_surrogate(jnp.exp(logp - old_logp), adv_B, clip_low, clip_high)
-    return pg_BA, _token_sum(clipped_BA.astype(jnp.float32), mask)
+    return pg_BA * _token_weights(is_weight), _token_sum(clipped_BA.astype(jnp.float32), mask)
 
 
 def _mixed_groups(rewards_B, keep_B, group_size):
@@ -302,7 +337,8 @@ def _baseline_terms(loss_total, loss_weight, logp, old_logp, mask, rewards, keep
                   _mixed_groups(rewards, keep_B, group_size), **extra)
 
 
-def grpo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, clip_eps=0.2, ref_logp=None,
+def grpo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, is_weight=None, clip_eps=0.2,
+               ref_logp=None,
                kl_coef=0.0, kl_estimator="k3"):
     """GRPO: PPO-clip surrogate with group-normalised advantages; per-sequence token mean, then row mean.
 
@@ -311,7 +347,7 @@ def grpo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, clip
     """
     logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
     adv_B = group_advantages(rewards, group_size, row_mask=keep_B)
-    pg_BA, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_eps, clip_eps)
+    pg_BA, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_eps, clip_eps, is_weight)
     total, extra = _sequence_means_sum(pg_BA, mask), {"clip_frac": clip_frac}
     if ref_logp is not None:
         kl = _sequence_means_sum(kl_penalty(logp, jnp.asarray(ref_logp, jnp.float32), kl_estimator), mask)
@@ -320,20 +356,22 @@ def grpo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, clip
     return _baseline_terms(total, jnp.sum(keep_B), logp, old_logp, mask, rewards, keep_B, group_size, **extra)
 
 
-def dapo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, clip_low=0.2, clip_high=0.28):
+def dapo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, is_weight=None, clip_low=0.2,
+               clip_high=0.28):
     """DAPO as the paper ran it: clip-higher (0.2 / 0.28) and a token mean over the whole mini-batch.
 
     Dynamic sampling and the overlong filter are trainer options (the filter arrives as ``row_mask``).
     """
     logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
     adv_B = group_advantages(rewards, group_size, row_mask=keep_B)
-    pg_BA, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_low, clip_high)
+    pg_BA, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_low, clip_high, is_weight)
     tokens = _token_sum(pg_BA, mask)
     return _baseline_terms(tokens.total, tokens.weight, logp, old_logp, mask, rewards, keep_B, group_size,
                            clip_frac=clip_frac)
 
 
-def gspo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, clip_low=3e-4, clip_high=4e-4):
+def gspo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, is_weight=None, clip_low=3e-4,
+               clip_high=4e-4):
     """GSPO: the sequence-level ratio ``exp(mean_t log rho_t)`` clipped to [1 - 3e-4, 1 + 4e-4].
 
     Written in the GSPO-token form of the released code: each token's log-ratio is
@@ -346,18 +384,20 @@ def gspo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, clip
     sg = jax.lax.stop_gradient
     log_ratio_BA = jnp.minimum(sg(s_B)[:, None] + logp - sg(logp), 10.0)
     pg_BA, clipped_BA = _clipped_surrogate(jnp.exp(log_ratio_BA), adv_B, clip_low, clip_high)
+    pg_BA = pg_BA * _token_weights(is_weight)
     return _baseline_terms(_sequence_means_sum(pg_BA, mask), jnp.sum(keep_B), logp, old_logp, mask, rewards,
                            keep_B, group_size, clip_frac=_token_sum(clipped_BA.astype(jnp.float32), mask))
 
 
-def dr_grpo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, clip_eps=0.2, norm_length=None):
+def dr_grpo_terms(logp, old_logp, mask, rewards, *, group_size, row_mask=None, is_weight=None, clip_eps=0.2,
+                  norm_length=None):
     """Dr.GRPO: advantages ``r - mean_g`` (no std), token sum divided by the constant ``rows * norm_length``.
 
     ``norm_length`` defaults to A, the padded response length (the generation budget).
     """
     logp, old_logp, mask, rewards, keep_B = _inputs(logp, old_logp, mask, rewards, row_mask)
     adv_B = group_advantages(rewards, group_size, scale=False, row_mask=keep_B)
-    pg_BA, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_eps, clip_eps)
+    pg_BA, clip_frac = _policy_gradient(logp, old_logp, mask, adv_B, clip_eps, clip_eps, is_weight)
     norm = jnp.sum(keep_B) * (logp.shape[1] if norm_length is None else norm_length)
     return _baseline_terms(jnp.sum(mask * pg_BA), norm, logp, old_logp, mask, rewards, keep_B, group_size,
                            clip_frac=clip_frac)

@@ -93,6 +93,10 @@ DYNAMICS_PANELS = (
 )
 
 
+# The gradient-weight mechanism measured in the run (realjax.grad_weights): one panel per label.
+GRAD_WEIGHT_PANELS = (("pos", "gradient weight |dS/ds|: positives"), ("neg", "gradient weight |dS/ds|: negatives"))
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     rows = []
     with open(path) as f:
@@ -128,7 +132,8 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Draw the training dynamics of a run (reward, val pass@1, entropy, length, KL, grad norm)."""
+    """Draw the training dynamics of a run (reward, val pass@1, entropy, length, KL, grad norm) and the
+    gradient weights per rollout (positives, negatives; by confidence tercile)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,8 +144,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     if not metrics.exists():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     rows = read_metrics(metrics)
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, (key, title) in zip(axes.flat, DYNAMICS_PANELS):
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+    for ax, (side, title) in zip(axes[:, 3], GRAD_WEIGHT_PANELS):
+        _grad_weight_panel(ax, rows, side, title)
+    for ax, (key, title) in zip(axes[:, :3].flat, DYNAMICS_PANELS):
         x, y = series(rows, key)
         if len(x) > 10 and key != "eval/pass@1":  # per-step metrics are noisy: raw faint, EMA on top
             ax.plot(x, y, color="tab:blue", alpha=0.3, lw=1)
@@ -161,3 +168,24 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _grad_weight_panel(ax, rows: list[dict], side: str, title: str) -> None:
+    """Mean per rollout, mean within confidence terciles (t1 least confident) and the max, per step."""
+    drawn = False
+    for suffix, label, style in (("mean", "mean", dict(color="black", lw=2)),
+                                 ("t1", "tercile 1 (least confident)", dict(color="tab:red", lw=1)),
+                                 ("t2", "tercile 2", dict(color="tab:orange", lw=1)),
+                                 ("t3", "tercile 3 (most confident)", dict(color="tab:green", lw=1)),
+                                 ("max", "max", dict(color="gray", lw=1, ls=":"))):
+        x, y = series(rows, f"grad_weight/{side}_{suffix}")
+        if len(x):
+            ax.plot(x, ema(y) if len(x) > 10 else y, label=label, **style)
+            drawn = True
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("RL step")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(loc="best", fontsize=6)
+    else:
+        ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)

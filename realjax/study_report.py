@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from realjax.grad_weights import METRIC_NAMES as GRAD_WEIGHT_METRICS
+from realjax.study_mechanism import grad_weight_table
+
 FINAL_WINDOW = 5
 THRESHOLD = 0.10
 COLLAPSE = 0.10
@@ -118,7 +121,7 @@ def load_run(run_dir: str | Path, loss: str, seed: int) -> RunResult:
     rows = read_metrics(metrics_path) if metrics_path.exists() else []
     steps, passes = _last_per_step(*series(rows, "eval/pass@1"))
     train = {k: _last_per_step(*series([r for r in rows if "loss" in r], k))
-             for k in ("entropy", "reward/mean", "response_length/mean")}
+             for k in ("entropy", "reward/mean", "response_length/mean", *GRAD_WEIGHT_METRICS)}
     r = RunResult(loss, seed, marker["status"], steps, passes, train, wall_time_s=marker.get("wall_time_s", math.nan))
     if steps.size and steps[0] == 0:
         r.base = float(passes[0])
@@ -336,6 +339,14 @@ def _results(results) -> list[str]:
         *(f"- {line}" for line in findings(results)),
         "",
         *(f"![{title}]({name})" for name, _, title in FIGURES),
+        "",
+        "### Gradient weights per rollout (|dS/ds|, mean over training steps and seeds)",
+        "",
+        ("The push each rollout's score got from the loss sum S (REAL: at most 1/tau; GRPO: |A| times its "
+         "ratio), for positives and negatives, and within terciles of the rollout's mean token log-prob "
+         "(t1 least confident). See README \"Gradient weights\"."),
+        "",
+        grad_weight_table(results),
         "",
         "### Final held-out pass@1 per seed",
         "",

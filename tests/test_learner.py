@@ -20,7 +20,7 @@ from realjax.rl.update import make_update_step
 R = 4
 # Exact metrics (up to float32 summation order); counters are per update.
 EXACT_METRICS = ("loss", "entropy", "score_mean", "kl_old_k1", "kl_old_k3", "valid_groups", "clip_frac", "kl_ref",
-                 "thresholds")
+                 "thresholds", *(f"grad_weight/{lab}_{k}" for lab in ("pos", "neg") for k in ("mean", "max", "t1", "t2", "t3")))
 
 
 @functools.lru_cache(maxsize=1)
@@ -28,25 +28,28 @@ def _toy_split():
     return nnx.split(toy_model(0))
 
 
-def _batch(name):
+def _batch(name, mode="none"):
     batch = toy_batch(rows=16, group_size=R, degenerate_first=2, graded=name == "real_ordinal", dropped=(5, 14))
     if name == "grpo":
         batch = batch.replace(ref_logp_BA=(batch.old_logp_BA - 0.1 * batch.resp_mask_BA).astype(np.float32))
+    if mode != "none":  # a behaviour policy off the old one by about +-0.4 nats a token
+        noise = np.random.default_rng(7).standard_normal(batch.old_logp_BA.shape) * 0.4 * batch.resp_mask_BA
+        batch = batch.replace(sampler_logp_BA=(batch.old_logp_BA + noise).astype(np.float32))
     return batch
 
 
 @functools.lru_cache(maxsize=None)
-def _one_update(name, micro):
+def _one_update(name, micro, mode="none"):
     """Parameters and metrics after one update of the toy policy over the test batch cut into ``micro``
     parts.
 
     Plain SGD: Adam's first step is about lr * sign(g) and would hide a gradient off by a constant factor.
     """
     graphdef, params = _toy_split()
-    batch = _batch(name)
+    batch = _batch(name, mode)
     hparams = {"kl_coef": 0.05} if name == "grpo" else {}
     step = make_update_step(graphdef, optax.sgd(0.5), TERMS[name], hparams, group_size=R, temperature=0.9,
-                            chunk_tokens=64)
+                            chunk_tokens=64, is_correction=(mode, 1.5))
     params = jax.tree.map(jnp.copy, params)  # the step donates its state
     state, metrics = step(TrainState(params, optax.sgd(0.5).init(params)), batch.cut(micro))
     return jax.tree.map(np.asarray, state.params), {k: float(m.value) for k, m in metrics.items()}
@@ -68,6 +71,24 @@ def test_micro_batches_never_change_the_update(name, k):
     for key in EXACT_METRICS:
         if key in m1:
             np.testing.assert_allclose(mk[key], m1[key], rtol=1e-4, atol=1e-6, err_msg=f"{key}, k={k}")
+    assert m1["grad_weight/pos_max"] + m1["grad_weight/neg_max"] > 0, "the gradient weights must be measured"
+
+
+@pytest.mark.parametrize("name,mode", [("real", "seq_mis"), pytest.param("dapo", "token_tis", marks=pytest.mark.slow),
+                                       pytest.param("real_bce", "seq_tis", marks=pytest.mark.slow),
+                                       pytest.param("grpo", "token_mis", marks=pytest.mark.slow)])
+def test_micro_batches_with_importance_weights_stay_exact(name, mode):
+    """The mismatch correction's weights are constants of the batch multiplying terms of the sums, so the
+    cut still never changes the update; and they do change it (the test would mean nothing otherwise)."""
+    whole, m1 = _one_update(name, 1, mode)
+    plain, _ = _one_update(name, 1)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(plain))) > 1e-5
+    params, mk = _one_update(name, 2, mode)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(params)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-6, err_msg=f"{name}, {mode}")
+    for key in EXACT_METRICS:
+        if key in m1:
+            np.testing.assert_allclose(mk[key], m1[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def _grads(name, b, group_size):
@@ -169,6 +190,11 @@ SHIPPED = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
     # the demo's 16 prompts x 2 rollouts over 2 mini-batches x 4 micro-batches: 4 rows on 8 fake devices
     ("optim.micro_batches=4 rollout.group_size=2", "leaves 4 rows per micro-batch, not a multiple of the 8"),
     ("rollout.prompts_per_call=4", "rollout.prompts_per_call=4 prompts per sampler call is not a multiple of the 8"),
+    ("rollout.is_correction=tis", "rollout.is_correction must be one of none, token_tis"),
+    ("rollout.is_correction=seq_tis rollout.is_cap=1", "rollout.is_cap must be > 1"),
+    ("rollout.is_correction=seq_mis rollout.old_logp=sampler", "rollout.is_correction=seq_mis needs the learner's own "
+     "old log-probs: set rollout.old_logp"),
+    ("rollout.is_correction=token_tis", "loss.name=real weighs whole rollouts; use seq_tis"),
 ])
 def test_bad_settings_fail_at_load_with_one_line(tmp_path, capsys, override, message):
     from realjax.cli import main
@@ -209,3 +235,31 @@ def test_every_loss_key_is_some_objectives_and_typos_still_fail():
     assert {f.name for f in dataclasses.fields(LossSection)} - {"name"} == taken
     with pytest.raises(ConfigError, match="unknown config key loss.tua; did you mean loss.tau"):
         load_config(SHIPPED[0], ["loss.tua=0.5"])
+
+
+@pytest.mark.slow
+def test_trainer_keeps_the_sampler_logp_and_logs_weights_and_gradient_weights(tmp_path):
+    """Wiring through a real (tiny) run: with the recompute pass and seq_tis the step logs the importance
+    weights (about 1 here: fp32 sampler and learner compute the same numbers) and the gradient weights
+    (REAL's below 1/tau = 2)."""
+    import json
+
+    from realjax.commands import demo_config_path
+    from realjax.config import load_config
+    from realjax.rl import Trainer
+
+    cfg = load_config(demo_config_path(), [f"output_dir={tmp_path}", "rollout.prompts_per_step=4",
+                                           "rollout.group_size=4", "trainer.steps=2",
+                                           "trainer.eval_every=0", "eval.before=false", "trainer.export=false",
+                                           "logging.progress=false", "mesh.fsdp=4", "mesh.tensor=2", "rollout.old_logp=recompute",
+                                           "rollout.is_correction=seq_tis", "rollout.is_cap=1.5"])
+    Trainer(cfg).run()
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert len(rows) == 2
+    for r in rows:
+        assert abs(r["is/ratio_mean"] - 1.0) < 1e-3 and r["is/cut_frac"] == 0.0
+        assert 0.0 <= r["grad_weight/pos_max"] < 2.0 and 0.0 <= r["grad_weight/neg_max"] < 2.0
+        # only rollouts of mixed groups carry a signal
+        assert (r["grad_weight/pos_mean"] + r["grad_weight/neg_mean"] > 0) == (r["valid_groups"] > 0)
+    assert any(r["valid_groups"] > 0 for r in rows), "the test run must have a mixed group"

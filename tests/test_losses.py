@@ -1,5 +1,7 @@
 """Losses against float64 numpy transcriptions of the paper's formulas, and the paper's gradient analysis."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -320,3 +322,190 @@ def test_no_retrace_on_repeated_calls():
     for seed in range(4):
         b = testing.random_grouped_batch(seed)
         step(b["logp"], b["old_logp"], b["mask"], b["rewards"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollout/learner mismatch correction (rollout.is_correction) against float64 references
+# ----------------------------------------------------------------------------------------------------
+from realjax.is_correction import ROLLOUT_OBJECTIVES, is_weights  # noqa: E402
+
+CAP = 1.5
+IS_CASES = [(n, m) for n in sorted(LOSSES) for m in ("token_tis", "token_mis", "seq_tis", "seq_mis")
+            if not (n in ROLLOUT_OBJECTIVES and m.startswith("token"))]
+
+
+def np_is_weights(b, mode, cap=CAP):
+    """pi_old / mu per token, or its geometric mean per rollout; tis: min(w, C); mis: 0 outside [1/C, C]."""
+    old, beh, m = (np.asarray(b[k], np.float64) for k in ("old_logp", "sampler_logp", "mask"))
+    lr = m * (old - beh)
+    if mode.startswith("seq"):
+        lr = lr.sum(-1) / np.maximum(m.sum(-1), 1)
+    w = np.exp(lr)
+    return np.minimum(w, cap) if mode.endswith("tis") else np.where((w > cap) | (w < 1 / cap), 0.0, w)
+
+
+def np_real_weighted(b, G, w, tau=TAU):
+    """REAL (and ordinal, over each threshold) with each rollout's exp term multiplied by its weight."""
+    s, r, w = (np.asarray(x, np.float64).reshape(-1, G) for x in (np_scores(b), b["rewards"], w))
+    total = 0.0
+    for sg, rg, wg in zip(s, r, w):
+        for level in np.unique(rg)[:-1]:
+            pos, neg = rg > level, rg <= level
+            total += np.log1p((wg[pos] * np.exp(-sg[pos] / tau)).sum()) + np.log1p((wg[neg] * np.exp(sg[neg] / tau)).sum())
+    return total / len(s)
+
+
+def np_real_bce_weighted(b, G, w, tau=TAU):
+    s, r, w = (np.asarray(x, np.float64).reshape(-1, G) for x in (np_scores(b), b["rewards"], w))
+    terms = [wi * (np.log1p(np.exp(zi)) - y * zi) for sg, rg, wg in zip(s, r, w)
+             if (rg == 1).any() and (rg == 0).any() for zi, y, wi in zip(sg / tau, rg, wg)]
+    return np.sum(terms) / len(terms)
+
+
+def np_real_product_weighted(b, G, w, tau=TAU):
+    s, r, w = (np.asarray(x, np.float64).reshape(-1, G) for x in (np_scores(b), b["rewards"], w))
+    total = 0.0
+    for sg, rg, wg in zip(s, r, w):
+        pos, neg = np.flatnonzero(rg == 1), np.flatnonzero(rg == 0)
+        if len(pos) and len(neg):
+            total += np.log1p(sum(wg[i] * wg[j] * np.exp((sg[j] - sg[i]) / tau) for i in pos for j in neg))
+    return total / len(s)
+
+
+def np_token_level_weighted(name, b, G, w):
+    """Each token's clipped surrogate times its weight (a rollout's weight on each of its tokens)."""
+    m = np.asarray(b["mask"], np.float64)
+    W = w[:, None] if w.ndim == 1 else w
+    if name == "gspo":
+        rho, a = np.exp(np.minimum(np_scores(b), 10.0)), np_adv(b["rewards"], G)
+        per_seq = np.maximum(-a * rho, -a * np.clip(rho, 1 - 3e-4, 1 + 4e-4))
+        return np.mean(per_seq * (m * W).sum(-1) / np.maximum(m.sum(-1), 1))
+    lo, hi, scale = {"grpo": (0.2, 0.2, True), "dapo": (0.2, 0.28, True), "dr_grpo": (0.2, 0.2, False)}[name]
+    tok = np_ppo_tokens(b, np_adv(b["rewards"], G, scale=scale), lo, hi) * W
+    if name == "grpo":
+        return np_seq_then_batch(tok, m)
+    return (m * tok).sum() / (m.sum() if name == "dapo" else m.size)
+
+
+def _is_batch(seed, G, levels=2):
+    b = testing.random_grouped_batch(seed, num_groups=5, group_size=G, length=9, score_scale=0.4,
+                                     reward_levels=levels)
+    rng = np.random.default_rng(seed + 100)
+    b["sampler_logp"] = (b["old_logp"] + 0.35 * rng.standard_normal(b["old_logp"].shape)).astype(np.float32)
+    return b
+
+
+@pytest.mark.parametrize("mode", ["token_tis", "token_mis", "seq_tis", "seq_mis"])
+def test_is_weights_equal_float64_formula(mode):
+    b = _is_batch(0, 4)
+    w = is_weights(b["old_logp"], b["sampler_logp"], b["mask"], mode=mode, cap=CAP)
+    want = np_is_weights(b, mode)
+    m = np.asarray(b["mask"]) if mode.startswith("token") else 1.0
+    np.testing.assert_allclose(np.asarray(w.weight) * m, want * m, rtol=1e-5, atol=1e-7)
+    cut = 0 < np.mean(np.asarray(w.cut)[np.asarray(w.unit_mask) > 0]) < 1
+    assert cut, "the test batch must have weights on both sides of the cap"
+
+
+@pytest.mark.parametrize("name,mode", IS_CASES)
+def test_corrected_loss_equals_float64_formula(name, mode):
+    G = 4
+    b = _is_batch(1, G, levels=3 if name == "real_ordinal" else 2)
+    w = is_weights(b["old_logp"], b["sampler_logp"], b["mask"], mode=mode, cap=CAP).weight
+    loss, _ = LOSSES[name](b["logp"], b["old_logp"], b["mask"], b["rewards"], group_size=G, is_weight=w)
+    w64 = np_is_weights(b, mode)
+    if name in ("real", "real_ordinal"):
+        want = np_real_weighted(b, G, w64)
+    elif name == "real_bce":
+        want = np_real_bce_weighted(b, G, w64)
+    elif name == "real_product":
+        want = np_real_product_weighted(b, G, w64)
+    else:
+        want = np_token_level_weighted(name, b, G, w64)
+    np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
+    # The weights are constants of the batch: no gradient reaches them.
+    gw = jax.grad(lambda x: LOSSES[name](b["logp"], b["old_logp"], b["mask"], b["rewards"], group_size=G,
+                                         is_weight=x)[0])(w)
+    assert not np.any(np.asarray(gw))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_unit_weights_change_nothing(name):
+    b = _is_batch(2, 4)
+    shape = b["rewards"].shape if name in ROLLOUT_OBJECTIVES else b["logp"].shape
+    plain = LOSSES[name](b["logp"], b["old_logp"], b["mask"], b["rewards"], group_size=4)
+    ones = LOSSES[name](b["logp"], b["old_logp"], b["mask"], b["rewards"], group_size=4, is_weight=jnp.ones(shape))
+    chex.assert_trees_all_close(ones, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_real_weighted_gradient_stays_bounded_by_one_over_tau():
+    """A weight shifts a rollout's logit inside the group softmax, so |dL/ds| stays below 1/tau (the anchor
+    keeps every softmax share below 1) however large the weight; a weight of 0 takes the rollout out."""
+    G = 8
+    b = testing.random_grouped_batch(5, num_groups=4, group_size=G, score_scale=1.5)
+    w = jnp.asarray(np.random.default_rng(5).choice([0.0, 0.5, 1.0, 4.0, 50.0], size=4 * G), jnp.float32)
+    g = testing.score_grads(functools.partial(losses.real_loss, is_weight=w), b, group_size=G)
+    testing.assert_bounded(g * 4, 1 / TAU)
+    assert not np.any(np.asarray(g)[np.asarray(w) == 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The gradient-weight mechanism as the learner measures it (realjax.grad_weights), against Fig. 1
+# ----------------------------------------------------------------------------------------------------
+from realjax.grad_weights import Max, RowGrads, grad_weight_metrics, row_grads  # noqa: E402
+
+
+def _fig1_batch():
+    """One group of 4 one-token rollouts, old policy at 0: positives at s = 0 and s = -0.15 (a hard
+    positive, less likely than under the old policy), negatives at s = 0 and s = +0.15 (a confident one);
+    inside GRPO's clip range, so no token is clipped."""
+    s = np.array([0.0, -0.15, 0.0, 0.15], np.float32)
+    return {"logp": s[:, None] - 1.0, "old_logp": np.full((4, 1), -1.0, np.float32), "mask": np.ones((4, 1), np.float32),
+            "rewards": np.array([1.0, 1.0, 0.0, 0.0], np.float32)}, s
+
+
+def _weights(name, b, G, **hp):
+    rows = row_grads(losses.TERMS[name], b["logp"], b["old_logp"], b["mask"], b["rewards"], group_size=G, **hp)
+    return np.asarray(rows.weight_B, np.float64), rows
+
+
+def test_grpo_gradient_weight_shrinks_on_hard_positives_and_grows_on_confident_negatives():
+    b, s = _fig1_batch()
+    w, _ = _weights("grpo", b, 4)
+    np.testing.assert_allclose(w, np.abs(np_adv(b["rewards"], 4)) * np.exp(s.astype(np.float64)), rtol=1e-5)
+    assert w[1] < w[0] and w[3] > w[2]  # PAPER.md 1.2 misassignment, 1.3 domination
+
+
+def test_real_gradient_weight_is_the_closed_form_and_bounded():
+    b, s = _fig1_batch()
+    w, _ = _weights("real", b, 4, tau=TAU)
+    np.testing.assert_allclose(w, np.abs(real_closed_form(s, b["rewards"], 4)), rtol=1e-5)  # one group: S = L
+    assert w[1] > w[0] and w[3] > w[2] and w.max() < 1 / TAU  # the hard positive gets more, all below 1/tau
+    big = testing.random_grouped_batch(4, num_groups=6, group_size=8, score_scale=3.0)
+    w, _ = _weights("real", big, 8, tau=TAU)
+    assert 0 < w.max() < 1 / TAU
+    np.testing.assert_allclose(w, np.abs(real_closed_form(np_scores(big), big["rewards"], 8)) * 6, rtol=1e-4, atol=1e-7)
+
+
+def test_grad_weight_metrics_by_label_and_confidence_tercile():
+    rng = np.random.default_rng(0)
+    w, conf = rng.uniform(0, 2, 12).astype(np.float32), rng.normal(size=12).astype(np.float32)
+    pos = np.array([1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 0], np.float32)
+    neg = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0], np.float32)  # rows 9 and 11 carry no signal
+    m = grad_weight_metrics(RowGrads(*(jnp.asarray(x).reshape(2, 6) for x in (w, conf, pos, neg))))
+    signal = np.flatnonzero(pos + neg)
+    tercile = np.empty(12, int)
+    tercile[signal[np.argsort(conf[signal])]] = np.arange(len(signal)) * 3 // len(signal)
+    for name, lab in (("pos", pos), ("neg", neg)):
+        np.testing.assert_allclose(float(m[f"grad_weight/{name}_mean"].value), w[lab > 0].mean(), rtol=1e-6)
+        assert float(m[f"grad_weight/{name}_max"].value) == w[lab > 0].max()
+        for t in range(3):
+            sel = (lab > 0) & (tercile == t)
+            want = w[sel].mean() if sel.any() else 0.0
+            np.testing.assert_allclose(float(m[f"grad_weight/{name}_t{t + 1}"].value), want, rtol=1e-6)
+    assert float((Max(jnp.float32(1.0)) + Max(jnp.float32(3.0))).value) == 3.0
+
+
+def test_gradient_weights_of_degenerate_groups_are_left_out():
+    b = testing.random_grouped_batch(1, num_groups=4, group_size=4)  # groups 0 and 1 degenerate
+    _, rows = _weights("grpo", b, 4)
+    assert not np.any(np.asarray(rows.pos_B + rows.neg_B)[:8])

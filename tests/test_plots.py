@@ -23,3 +23,17 @@ def test_gradient_weights_follow_the_paper():
 def test_gradient_weight_figure_renders(tmp_path):
     out = plots.plot_gradient_weights(tmp_path / "gw.png", points=61)
     assert out.stat().st_size > 10_000
+
+
+def test_run_plot_has_the_gradient_weight_panels(tmp_path):
+    import json
+
+    rows = [{"step": i, "loss": 1.0, "reward/mean": 0.5, **{f"grad_weight/{side}_{k}": 0.1 * i + (side == "neg")
+                                                           for side in ("pos", "neg")
+                                                           for k in ("mean", "max", "t1", "t2", "t3")}}
+            for i in range(1, 13)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    x, y = plots.series(rows, "grad_weight/neg_t3")
+    np.testing.assert_allclose(y, 0.1 * x + 1.0)
+    out = plots.plot_run(tmp_path)
+    assert out.stat().st_size > 10_000

@@ -165,3 +165,23 @@ def test_tiny_study_end_to_end_then_resume(tmp_path):
 
     changed = _study(out, "optim.lr=3e-4")
     assert changed.returncode == 2 and "was made with another config (differs in optim.lr)" in changed.stderr
+
+
+def test_gradient_weights_table_next_to_pass_at_1(tmp_path):
+    results = []
+    for loss, scale in (("real", 1.0), ("grpo", 3.0)):
+        for seed in range(2):
+            run = _fake_run(tmp_path, loss, seed, [(0, 0.3), (3, 0.4 + 0.1 * seed)], [0.2] * 3)
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for row in rows:
+                if "loss" in row:  # step s: every statistic = scale * (s + seed), "neg" twice that
+                    row.update({f"grad_weight/{side}_{k}": scale * (row["step"] + seed) * (1 + (side == "neg"))
+                                for side in ("pos", "neg") for k in ("mean", "t1", "t2", "t3", "max")})
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            results.append(rep.load_run(run, loss, seed))
+    results.append(rep.load_run(_fake_run(tmp_path, "dapo", 0, [(0, 0.3), (3, 0.2)], [0.2] * 3), "dapo", 0))
+    table = rep.grad_weight_table(results)
+    # real: steps 1..3 average 2, seeds 0 and 1 give 2 and 3, so 2.5 for pos and 5 for neg; grpo 3x.
+    assert "| real | 0.450 | 2.5 | 2.5 | 2.5 | 2.5 | 2.5 | 5 | 5 | 5 | 5 | 5 |" in table
+    assert "| grpo | 0.450 | 7.5 | 7.5 | 7.5 | 7.5 | 7.5 | 15 | 15 | 15 | 15 | 15 |" in table
+    assert "| dapo | 0.200 | n/a |" in table  # a run that did not log them

@@ -20,9 +20,10 @@ class UpdateBatch:
 
     A row is ``[prompt (left-padded, Q) | response (A)]``. ``row_mask_B`` is 1.0 for rows that take part
     in the loss and 0.0 for rows dropped whole (DAPO's overlong filter drops truncated responses).
-    ``sampler_logp_BA`` is what the sampler reported; ``old_logp_BA`` the log-probs the loss uses as the
-    old policy (the sampler's, or a recomputation); ``ref_logp_BA`` is set only for objectives with a
-    reference-KL term.
+    ``old_logp_BA`` holds the log-probs the loss uses as the old policy (the sampler's, or a recomputation);
+    ``ref_logp_BA`` is set only for objectives with a reference-KL term; ``sampler_logp_BA`` (what the
+    sampler reported, the behaviour policy) only with a mismatch correction (``rollout.is_correction``),
+    beside the recomputed ``old_logp_BA``.
     """
 
     prompt_ids_BQ: Any  # int32
@@ -33,6 +34,7 @@ class UpdateBatch:
     old_logp_BA: Any  # float32
     rewards_B: Any  # float32
     ref_logp_BA: Any = None  # float32 or None
+    sampler_logp_BA: Any = None  # float32 or None
 
     @property
     def rows(self) -> int:
@@ -53,7 +55,7 @@ class UpdateBatch:
 
     @classmethod
     def spec(cls, lead: tuple[int, ...], prompt_len: int, response_len: int, *, with_ref: bool,
-             sharding=None) -> "UpdateBatch":
+             sharding=None, with_sampler: bool = False) -> "UpdateBatch":
         """The abstract batch (``jax.ShapeDtypeStruct`` leaves) with leading dims ``lead``; ``sharding``
         maps a shape to the leaf's sharding (AOT compiles)."""
         import jax.numpy as jnp
@@ -66,7 +68,8 @@ class UpdateBatch:
         return cls(prompt_ids_BQ=leaf(q, jnp.int32), prompt_mask_BQ=leaf(q, jnp.int32), tokens_BA=leaf(a, jnp.int32),
                    resp_mask_BA=leaf(a, jnp.float32), row_mask_B=leaf((), jnp.float32),
                    old_logp_BA=leaf(a, jnp.float32), rewards_B=leaf((), jnp.float32),
-                   ref_logp_BA=leaf(a, jnp.float32) if with_ref else None)
+                   ref_logp_BA=leaf(a, jnp.float32) if with_ref else None,
+                   sampler_logp_BA=leaf(a, jnp.float32) if with_sampler else None)
 
 
 @jax.tree_util.register_dataclass

@@ -60,7 +60,9 @@ class RunPlan:
     def update_step(self, graphdef):
         """The jitted ``(TrainState, UpdateBatch [M, rows, ...]) -> (TrainState, metrics)``."""
         return make_update_step(graphdef, self.optimizer, get_terms(self.cfg.loss.name), self.loss_hparams,
-                                group_size=self.group_size, shardings=self.state_shardings, **self._learner_kw())
+                                group_size=self.group_size, shardings=self.state_shardings,
+                                is_correction=(self.cfg.rollout.is_correction, self.cfg.rollout.is_cap),
+                                **self._learner_kw())
 
     def scoring_fn(self, graphdef):
         """The jitted ``(params, UpdateBatch [chunks, rows, ...]) -> (logp, entropy)``."""
@@ -106,6 +108,7 @@ def make_plan(cfg: Config, mesh: Mesh, *, compute_dtype: str, abstract_params, s
     use_ref = cfg.loss.name == "grpo" and hparams.get("kl_coef", 0.0) > 0
     # auto: the sampler's incremental numbers equal a full forward pass only in fp32.
     recompute = r.old_logp == "recompute" or (r.old_logp == "auto" and compute_dtype != "float32")
+    recompute = recompute or (r.old_logp == "auto" and r.is_correction != "none")  # it needs both policies
     rollout = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                              top_k=r.top_k, stop_ids=stop_ids, window_tokens=r.window_tokens)
     evaluation = SamplingConfig(max_new_tokens=e.max_new_tokens or r.max_new_tokens, temperature=e.temperature,

@@ -31,6 +31,7 @@ from realjax import sharding as shd
 from realjax.checkpoint import Checkpointer
 from realjax.config import Config, to_dict
 from realjax.data import PromptStream
+from realjax.is_correction import is_metrics, is_weights
 from realjax.metrics import MetricsWriter
 from realjax.models import (from_pretrained, init_model, load_tokenizer, preset, save_pretrained,
                             stop_token_ids)
@@ -218,7 +219,13 @@ class Trainer:
             metrics["logp_mismatch/max"] = float(diff.max())
             metrics["logp_mismatch/mean"] = float(diff.sum() / max(resp_mask.sum(), 1.0))
             if plan.recompute_old_logp:
-                batch = batch.replace(old_logp_BA=(logp * resp_mask).astype(np.float32))
+                old = (logp * resp_mask).astype(np.float32)
+                r = cfg.rollout
+                if r.is_correction != "none":  # the sampler's numbers stay, as the behaviour policy
+                    batch = batch.replace(sampler_logp_BA=batch.old_logp_BA)
+                    metrics.update(is_metrics(is_weights(old, batch.old_logp_BA, resp_mask, mode=r.is_correction,
+                                                         cap=r.is_cap, row_mask_B=batch.row_mask_B)))
+                batch = batch.replace(old_logp_BA=old)
         if plan.use_ref:
             ref, _ = self.score(self.state.ref_params, placed)
             batch = batch.replace(ref_logp_BA=shd.to_host(ref).reshape(shape))

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from realjax.grad_weights import RowGrads, grad_weight_metrics, row_grads
+from realjax.is_correction import is_weights
 from realjax.losses import LossTerms, Mean
 from realjax.models.logprobs import token_logprobs
 from realjax.rl.batch import TrainState, UpdateBatch
@@ -52,31 +54,45 @@ def make_optimizer(lr: float, *, weight_decay: float, grad_clip: float, b1: floa
 
 
 def batch_terms(model, batch: UpdateBatch, terms_fn, hparams: dict, *, group_size: int, temperature: float,
-                chunk_tokens: int) -> LossTerms:
-    """The objective's terms on one (micro-)batch, with the policy's entropy over the kept tokens."""
+                chunk_tokens: int, is_correction: tuple[str, float] = ("none", 0.0)) -> tuple[LossTerms, RowGrads]:
+    """The objective's terms on one (micro-)batch, with the policy's entropy over the kept tokens, and each
+    rollout's gradient weight |dS/ds| (``realjax.grad_weights``: the loss terms' backward pass only).
+
+    ``is_correction``: (mode, cap) of ``rollout.is_correction``; applied when the batch carries the sampler's
+    log-probs (``sampler_logp_BA``) beside the recomputed old ones.
+    """
     logp, entropy = policy_logprobs(model, batch, temperature=temperature, chunk_tokens=chunk_tokens)
     kw = dict(hparams) if batch.ref_logp_BA is None else dict(hparams, ref_logp=batch.ref_logp_BA)
+    mode, cap = is_correction
+    if mode != "none" and batch.sampler_logp_BA is not None:
+        kw["is_weight"] = is_weights(batch.old_logp_BA, batch.sampler_logp_BA, batch.resp_mask_BA, mode=mode,
+                                     cap=cap, row_mask_B=batch.row_mask_B).weight
     terms = terms_fn(logp, batch.old_logp_BA, batch.resp_mask_BA, batch.rewards_B, group_size=group_size,
                      row_mask=batch.row_mask_B, **kw)
     m_BA = batch.resp_mask_BA * batch.row_mask_B[:, None]
     entropy = Mean(jnp.sum(entropy * m_BA), jnp.sum(m_BA))
-    return LossTerms(terms.loss_sum, {**terms.means, "entropy": entropy}, terms.counts)
+    rows = row_grads(terms_fn, logp, batch.old_logp_BA, batch.resp_mask_BA, batch.rewards_B, group_size=group_size,
+                     row_mask_B=batch.row_mask_B, **kw)
+    return LossTerms(terms.loss_sum, {**terms.means, "entropy": entropy}, terms.counts), rows
 
 
 def make_update_step(graphdef, optimizer, terms_fn, hparams: dict, *, group_size: int, temperature: float,
-                     chunk_tokens: int, shardings: TrainState | None = None):
+                     chunk_tokens: int, shardings: TrainState | None = None,
+                     is_correction: tuple[str, float] = ("none", 0.0)):
     """The jitted ``(state: TrainState, batch: UpdateBatch) -> (state, metrics: dict[str, Mean])``.
 
     ``batch`` leaves are ``[M, rows, ...]``: M micro-batches of whole groups (``rows`` a multiple of
-    ``group_size``). ``terms_fn`` is a ``realjax.losses.TERMS`` entry. The metrics are :class:`Mean`\\ s so
+    ``group_size``). ``terms_fn`` is a ``realjax.losses.TERMS`` entry. The metrics are :class:`Mean`\\ s (and
+    ``realjax.grad_weights.Max`` for maxima) so
     that the caller can add those of several updates and divide once; counters (valid groups, skipped
-    updates) are per-update means. ``shardings``: the state's shardings, kept across steps.
+    updates) are per-update means. ``shardings``: the state's shardings, kept across steps. ``is_correction``:
+    see :func:`batch_terms`.
     """
 
     def micro(params, mb: UpdateBatch):
-        terms = batch_terms(nnx.merge(graphdef, params), mb, terms_fn, hparams, group_size=group_size,
-                            temperature=temperature, chunk_tokens=chunk_tokens)
-        return terms.loss_sum.total, terms
+        terms, rows = batch_terms(nnx.merge(graphdef, params), mb, terms_fn, hparams, group_size=group_size,
+                                  temperature=temperature, chunk_tokens=chunk_tokens, is_correction=is_correction)
+        return terms.loss_sum.total, (terms, rows)
 
     grad_fn = jax.grad(micro, has_aux=True)
 
@@ -84,16 +100,16 @@ def make_update_step(graphdef, optimizer, terms_fn, hparams: dict, *, group_size
         params = state.params
         n = jax.tree.leaves(batch)[0].shape[0]
         if n == 1:  # one micro-batch: no accumulator to fill and add to
-            grads, terms = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+            grads, (terms, rows) = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
         else:
             def accumulate(carry, mb):
-                grads, terms = grad_fn(params, mb)
-                return jax.tree.map(jnp.add, carry, (grads, terms)), None
+                grads, (terms, rows) = grad_fn(params, mb)
+                return jax.tree.map(jnp.add, carry, (grads, terms)), rows  # rows stack: [M, rows]
 
             # Zeros of the (gradients, terms) structure; one copy of the backward program, inside the scan.
-            shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], batch))
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            (grads, terms), _ = jax.lax.scan(accumulate, zeros, batch)
+            grads_shape, (terms_shape, _) = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], batch))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, terms_shape))
+            (grads, terms), rows = jax.lax.scan(accumulate, zeros, batch)
         # Divide once by the whole mini-batch's normaliser (parameter-free, so this is its exact gradient).
         weight = terms.loss_sum.weight
         grads = jax.tree.map(lambda g: g / jnp.where(weight > 0, weight, 1.0).astype(g.dtype), grads)
@@ -109,7 +125,8 @@ def make_update_step(graphdef, optimizer, terms_fn, hparams: dict, *, group_size
         new_params, new_opt = jax.lax.cond(ok, apply, lambda p, o, g: (p, o), params, state.opt_state, grads)
         one = jnp.float32(1.0)
         metrics = {"loss": terms.loss_sum, **terms.means, **{k: Mean(v, one) for k, v in terms.counts.items()},
-                   "grad_norm": Mean(grad_norm, one), "skipped": Mean((~ok).astype(jnp.float32), one)}
+                   "grad_norm": Mean(grad_norm, one), "skipped": Mean((~ok).astype(jnp.float32), one),
+                   **grad_weight_metrics(rows)}  # terciles over the whole mini-batch, whatever the cut
         return state.replace(params=new_params, opt_state=new_opt), metrics
 
     out_shardings = None if shardings is None else (shardings, None)
