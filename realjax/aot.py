@@ -370,7 +370,8 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
     micro_rows = plan.rows_per_micro_batch
     update = Program("update", o.mini_batches, f"{o.micro_batches} x {micro_rows} rows x {tp}+{N} tok",
                      b["ref_params"])
-    batch = UpdateBatch.spec((o.micro_batches, micro_rows), tp, N, with_ref=plan.use_ref, sharding=plan.batch_sharding)
+    batch = UpdateBatch.spec((o.micro_batches, micro_rows), tp, N, with_ref=plan.use_ref, sharding=plan.batch_sharding,
+                             with_sampler=cfg.rollout.is_correction != "none")  # importance weights need both
     _compile(update, lambda: plan.update_step(st.graphdef).lower(st.state, batch), log)
     programs.append(update)
     return _summarise(cfg, topo, mesh, mcfg, source, programs, b)
