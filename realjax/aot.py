@@ -394,7 +394,7 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
     prefill = Program(prefix + "prefill", calls, f"{prompts} prompts x {tp} tok -> {prompts * group} rows", resident)
-    compiled = _compile(prefill, lambda: sampler._prefill.lower(st.graphdef, st.rollout_params, ids, ids, key, group),
+    compiled = _compile(prefill, lambda: sampler.prefill_program.lower(st.graphdef, st.rollout_params, ids, ids, key, group),
                         log)
     if compiled is None:
         decode = Program(prefix + "decode", calls * N, f"{prompts * group} rows x 1 tok, cache {tp + N}", resident)
@@ -407,7 +407,7 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     for w in windows:  # the steps that write slots [start, w) run in the program for window w
         part = Program(prefix + "decode", w - start, f"window {w}", resident,
                        unread_bytes=cache_bytes * (1 - w / S))
-        _compile(part, lambda w=w: sampler._decode.lower(st.graphdef, st.rollout_params,
+        _compile(part, lambda w=w: sampler.decode_program.lower(st.graphdef, st.rollout_params,
                                                         sampler.with_window(state, w)), log)
         parts.append(part)
         start = w

@@ -226,15 +226,15 @@ def bench_sampler(cfg, *, batch: int, prompt: int, new: int, repeats: int, basel
 
     def realjax_call():  # Sampler.__call__'s two programs, timed apart
         t0 = time.perf_counter()
-        ds = jax.block_until_ready(sampler._prefill(graphdef, state, ids, mask, key, 1))
+        ds = jax.block_until_ready(sampler.prefill_program(graphdef, state, ids, mask, key, 1))
         t1 = time.perf_counter()
         outputs.append(jax.block_until_ready(sampler.finish(sampler.decode(graphdef, state, ds))))
         t2 = time.perf_counter()
         return {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}
 
-    compile_s = compile_seconds(sampler._prefill, graphdef, state, ids, mask, key, 1)
-    ds = sampler._prefill(graphdef, state, ids, mask, key, 1)
-    compile_s += sum(compile_seconds(sampler._decode, graphdef, state, sampler.with_window(ds, w))
+    compile_s = compile_seconds(sampler.prefill_program, graphdef, state, ids, mask, key, 1)
+    ds = sampler.prefill_program(graphdef, state, ids, mask, key, 1)
+    compile_s += sum(compile_seconds(sampler.decode_program, graphdef, state, sampler.with_window(ds, w))
                      for w in sampler.windows(ds))
     calls = {"realjax": realjax_call}
     if bandwidth_mb:

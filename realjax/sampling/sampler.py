@@ -70,9 +70,10 @@ class Sampler:
     def __init__(self, cfg: SamplingConfig, *, pad_id: int, mesh=None, rules=shd.ROLLOUT_RULES):
         self.cfg, self.pad_id, self.mesh, self.rules = cfg, int(pad_id), mesh, rules
         self.trace_counts = {"prefill": 0, "decode": 0}  # tests prove bucketing keeps compiles few
-        self._prefill = jax.jit(self._prefill_fn, static_argnums=(0, 5))
+        # The jitted programs are public: `realjax compile` lowers them for a TPU topology, benches time them.
+        self.prefill_program = jax.jit(self._prefill_fn, static_argnums=(0, 5))
         # The decode state, KV cache included, is replaced by the loop's result: donate it.
-        self._decode = jax.jit(self._decode_fn, static_argnums=0, donate_argnums=2)
+        self.decode_program = jax.jit(self._decode_fn, static_argnums=0, donate_argnums=2)
 
     def __call__(self, graphdef, state, prompt_ids, prompt_mask, key, *, group_size: int = 1,
                  budgets=None) -> SampleOutput:
@@ -80,7 +81,7 @@ class Sampler:
 
         ``budgets`` (int [B], optional): per-row token budgets below N; ``realjax bench rollout`` draws them
         from a length distribution (a row that runs out of budget is not ``finished``)."""
-        ds = self._prefill(graphdef, state, prompt_ids, prompt_mask, key, group_size)
+        ds = self.prefill_program(graphdef, state, prompt_ids, prompt_mask, key, group_size)
         if budgets is not None:
             budget_B = jnp.minimum(jnp.asarray(budgets, jnp.int32), ds.budget_B)
             ds = ds.replace(budget_B=budget_B, done_B=ds.done_B | (ds.length_B >= budget_B))
@@ -91,7 +92,7 @@ class Sampler:
 
         No host sync between windows: a window whose rows are all done exits its loop at once."""
         for window in self.windows(ds):
-            ds = self._decode(graphdef, state, self.with_window(ds, window))
+            ds = self.decode_program(graphdef, state, self.with_window(ds, window))
         return ds
 
     def windows(self, ds: DecodeState) -> tuple[int, ...]:
