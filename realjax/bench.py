@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from realjax.bench_timing import compile_seconds, interleaved, median, seconds, timed
+
 # The bench's own smoke-test size: every code path of every benchmark in seconds on a CPU.
 TINY = {"family": "qwen2", "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
         "head_dim": 16, "intermediate_size": 128, "rope_theta": 1e6, "tie_word_embeddings": True}
@@ -51,47 +53,6 @@ def model_config(name: str, *, layers: int = 0, dtype: str = "float32", param_dt
     if layers:
         cfg = cfg.replace(num_layers=layers)
     return cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype)
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(seconds of one warm-up call, median seconds of ``repeats`` more); ``fn`` must block until done."""
-    warm, rounds = interleaved({"fn": lambda: {"s": _seconds(fn)}}, repeats)
-    return warm["fn"]["s"], median(rounds["fn"], "s")
-
-
-def interleaved(calls: dict, repeats: int) -> tuple[dict, dict]:
-    """One warm-up call of each contender, then ``repeats`` rounds that call each in turn, so a change in
-    the machine's load during the run hits all of them alike (ratios are then taken round by round).
-
-    Each call returns a dict of its own measurements. Returns ``(warm, rounds)``: by name, the warm-up
-    call's dict with its wall time under ``"s"``, and the list of the timed rounds' dicts.
-    """
-    warm, rounds = {}, {name: [] for name in calls}
-    for name, call in calls.items():
-        t0 = time.perf_counter()
-        out = call()
-        warm[name] = {**out, "s": time.perf_counter() - t0}
-    for _ in range(max(repeats, 1)):
-        for name, call in calls.items():
-            rounds[name].append(call())
-    return warm, rounds
-
-
-def median(rows: list[dict], key) -> float:
-    """The median over rounds of ``row[key]`` (or of ``key(row)`` for a function)."""
-    return float(np.median([key(r) if callable(key) else r[key] for r in rows]))
-
-
-def compile_seconds(jitted, *args) -> float:
-    """Seconds to trace, lower and compile ``jitted`` for ``args``; the call path then reuses the
-    executable, so the timed calls never include a compile."""
-    return _seconds(lambda: jitted.lower(*args).compile())
-
-
-def _seconds(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def machine() -> dict:
@@ -137,7 +98,7 @@ def matvec_probe(rows: int, dim: int, mbytes: float, calls: int = 3):
     def probe() -> dict:
         res = {}
         for name, (w, f) in layouts.items():
-            t = np.median([_seconds(lambda f=f, w=w: f(x, w).block_until_ready()) for _ in range(calls)])
+            t = np.median([seconds(lambda f=f, w=w: f(x, w).block_until_ready()) for _ in range(calls)])
             res[f"bandwidth_{name}_gb_s"] = w.nbytes / t / 1e9
         res["bandwidth_gb_s"] = max(res.values())
         return res
@@ -157,7 +118,7 @@ def matmul_probe(m: int, k: int, n: int, dtype: str = "float32", calls: int = 3)
     f(x, w).block_until_ready()
 
     def probe() -> dict:
-        t = np.median([_seconds(lambda: f(x, w).block_until_ready()) for _ in range(calls)])
+        t = np.median([seconds(lambda: f(x, w).block_until_ready()) for _ in range(calls)])
         return {"matmul_gflop_s": 2 * m * k * n / t / 1e9}
 
     return probe

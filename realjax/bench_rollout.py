@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from realjax.bench import interleaved, median
+from realjax.bench_timing import interleaved, median
 
 LENGTHS = ("r1-distill", "all-max", "uniform")
 

@@ -44,7 +44,7 @@ from flax import nnx
 
 from realjax import sharding as shd
 from realjax.models.kv_cache import KVCache
-from realjax.sampling.sampler import SampleOutput, step_keys, stop_mask
+from realjax.sampling.sampler import SampleOutput, draw_next, step_keys, stop_mask
 from realjax.sampling.strategies import SamplingConfig, choose
 
 
@@ -259,13 +259,8 @@ class Engine:
 
         def body(carry):
             i, s, r = carry
-            B = s.last_B.shape[0]
-            with shd.use_rules(self.mesh, self.rules):
-                positions_B1 = (s.prompt_len_B + s.step_B - 1)[:, None]
-                h_B1D, cache = model.hidden_states(s.last_B[:, None], positions_B1, jnp.ones((B, 1), bool),
-                                                   cache=s.cache)
-                logits_BV = model.logits(h_B1D)[:, 0]
-            token_B, logp_B = choose(logits_BV, step_keys(s.keys_B, s.step_B), cfg)
+            token_B, logp_B, cache = draw_next(model, s.last_B, s.prompt_len_B + s.step_B - 1, s.cache,
+                                               step_keys(s.keys_B, s.step_B), cfg, self.mesh, self.rules)
             stop_B = stop_mask(token_B, cfg.stop_ids)
             row_B = jnp.where(s.done_B, rows, s.row_B)  # a free slot writes nowhere
             step_B = s.step_B + (~s.done_B).astype(jnp.int32)

@@ -58,6 +58,18 @@ class SampleOutput:
     finished: jax.Array
 
 
+def draw_next(model, last_B, position_B, cache, keys_B, cfg: SamplingConfig, mesh, rules):
+    """One decode step of every row, shared by the static sampler and the engine: the forward pass of
+    each row's last token at ``position_B`` (writing its KV into ``cache``) and a draw from the logits
+    with the row's key. Returns ``(token_B, logp_B, cache)``."""
+    B = last_B.shape[0]
+    with shd.use_rules(mesh, rules):
+        h_B1D, cache = model.hidden_states(last_B[:, None], position_B[:, None], jnp.ones((B, 1), bool), cache=cache)
+        logits_BV = model.logits(h_B1D)[:, 0]
+    token_B, logp_B = choose(logits_BV, keys_B, cfg)
+    return token_B, logp_B, cache
+
+
 class Sampler:
     """Immutable sampling settings plus the two compiled programs.
 
@@ -132,20 +144,14 @@ class Sampler:
         self.trace_counts["decode"] += 1
         cfg, N = self.cfg, self.cfg.max_new_tokens
         model = nnx.merge(graphdef, state)
-        B = ds.last_B.shape[0]
-
         window = ds.cache.span
 
         def cond(ds):  # step s writes cache slot ``end``: it must fall inside the window
             return (ds.step < N) & ~jnp.all(ds.done_B) & (ds.cache.end < window)
 
         def body(ds):
-            with shd.use_rules(self.mesh, self.rules):
-                positions_B1 = (ds.prompt_len_B + ds.step - 1)[:, None]
-                h_B1D, cache = model.hidden_states(ds.last_B[:, None], positions_B1, jnp.ones((B, 1), bool),
-                                                   cache=ds.cache)
-                logits_BV = model.logits(h_B1D)[:, 0]
-            token_B, logp_B = choose(logits_BV, step_keys(ds.row_keys, ds.step), cfg)
+            token_B, logp_B, cache = draw_next(model, ds.last_B, ds.prompt_len_B + ds.step - 1, ds.cache,
+                                               step_keys(ds.row_keys, ds.step), cfg, self.mesh, self.rules)
             token_B = jnp.where(ds.done_B, self.pad_id, token_B)
             logp_B = jnp.where(ds.done_B, 0.0, logp_B)
             at = (0, ds.step)
