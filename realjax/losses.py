@@ -44,60 +44,19 @@ Departures from the released code, all deliberate:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
-import operator
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-Metrics = dict[str, jax.Array]
+from realjax.sums import LossTerms, Mean, Metrics  # noqa: F401 (part of the losses API)
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
 
 _ADV_EPS = 1e-6  # verl's epsilon in (r - mean) / (std + eps)
 # Keyword arguments of an objective that are inputs, not hyper-parameters a config may set.
 INPUT_KWARGS = ("group_size", "row_mask", "ref_logp", "is_weight")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Exact means and the terms of a loss
-# ----------------------------------------------------------------------------------------------------
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Mean:
-    """A mean kept as ``total / weight`` so that adding parts and dividing once is exact (a weighted
-    metric): the mean of a mini-batch is never a mean of micro-batch means."""
-
-    total: jax.Array
-    weight: jax.Array
-
-    def __add__(self, other: "Mean") -> "Mean":
-        return Mean(self.total + other.total, self.weight + other.weight)
-
-    @property
-    def value(self) -> jax.Array:
-        return self.total / jnp.where(self.weight > 0, self.weight, 1.0)  # an empty mean is 0, not NaN
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LossTerms:
-    """An objective before its one division: ``loss = loss_sum.total / loss_sum.weight``.
-
-    ``means``: metrics as :class:`Mean`; ``counts``: metrics that add up (valid groups, thresholds).
-    """
-
-    loss_sum: Mean
-    means: dict[str, Mean]
-    counts: dict[str, jax.Array]
-
-    def __add__(self, other: "LossTerms") -> "LossTerms":
-        return jax.tree.map(operator.add, self, other)
-
-    def finish(self) -> tuple[jax.Array, Metrics]:
-        return self.loss_sum.value, {**{k: m.value for k, m in self.means.items()}, **self.counts}
 
 
 # ----------------------------------------------------------------------------------------------------
