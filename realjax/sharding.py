@@ -1,7 +1,7 @@
 """Meshes and the logical-axis rules: the one place that knows how model axes map onto devices.
 
 Model code names logical axes only (``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``vocab``,
-``batch``, ``length``, ``cache_length``, ``norm``). A rules table maps each to mesh axes of the mesh
+``batch``, ``length``, ``cache_length``, ``norm``, ``layers``). A rules table maps each to mesh axes of the mesh
 ``("data", "fsdp", "tensor")``. Two tables:
 
 * ``TRAIN_RULES``: batch over data x fsdp, weights fully sharded over fsdp (ZeRO-3 style: gathered per
@@ -40,6 +40,9 @@ TRAIN_RULES: Rules = {
     "length": None,
     "cache_length": None,
     "norm": None,
+    # The stacked blocks' leading axis (scan_layers) and the KV cache's: every device holds all layers of
+    # its shard; the scan reads one layer per step, so splitting layers over devices would serialise them.
+    "layers": None,
 }
 ROLLOUT_RULES: Rules = {**TRAIN_RULES, "embed": None}
 

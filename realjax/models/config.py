@@ -13,6 +13,10 @@ import jax.numpy as jnp
 
 FAMILIES = ("qwen2", "qwen3", "llama")
 REMAT = ("none", "full", "dots")
+# ``scan_layers`` unset scans the blocks of models with at least this many: the scan's compile-time
+# saving grows with L, while the few blocks of test and demo models compile in seconds either way and
+# run as the unrolled reference that the scanned path is tested against.
+SCAN_MIN_LAYERS = 8
 _ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
@@ -34,7 +38,9 @@ class ModelConfig:
     ``head_dim``; llama may carry Llama 3 ``rope_scaling``. ``param_dtype`` is how weights are stored
     (fp32 master weights for training), ``dtype`` what the matmuls run in (fp32 on CPU, bf16 on
     accelerators); norms, softmax and log-probs are always fp32. ``remat`` recomputes each block in the
-    backward pass: "full" saves only block inputs, "dots" also keeps matmul outputs.
+    backward pass: "full" saves only block inputs, "dots" also keeps matmul outputs. ``scan_layers``
+    stacks the blocks into one module run by a scan over layers (True / False; None: from
+    ``SCAN_MIN_LAYERS`` blocks up, see ``scanned``): it changes the parameter layout, not the function.
     """
 
     family: str
@@ -55,6 +61,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -65,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.remat not in REMAT:
             raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
+        if self.scan_layers not in (None, True, False):
+            raise ValueError(f"scan_layers must be true, false or unset, got {self.scan_layers!r}")
         for name in ("param_dtype", "dtype"):
             jnp.dtype(getattr(self, name))  # raises on a bad name
 
@@ -75,6 +84,11 @@ class ModelConfig:
     @property
     def qk_norm(self) -> bool:
         return self.family == "qwen3"
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the blocks are stacked and scanned (``scan_layers``, or the layer-count rule when unset)."""
+        return self.num_layers >= SCAN_MIN_LAYERS if self.scan_layers is None else self.scan_layers
 
     @property
     def queries_per_kv(self) -> int:

@@ -2,7 +2,8 @@
 
 Loading never builds the whole model on one host: each safetensors tensor is memory-mapped, and every
 device's shard is read straight from the file (``jax.make_array_from_callback``), converted to the
-parameter dtype, and placed. Saving streams one tensor at a time into safetensors files (split at
+parameter dtype, and placed; a scanned model's stacked [L, ...] weight is built the same way, each
+device's shard stacked from its slices of the L per-layer tensors. Saving streams one tensor at a time into safetensors files (split at
 ``max_shard_bytes``, with an index), written by process 0.
 """
 
@@ -94,6 +95,7 @@ class TensorMap:
     path: tuple  # nnx state path
     to_ours: Callable[[np.ndarray], np.ndarray]  # views only: a reshape / transpose of the mmap
     to_hf: Callable[[np.ndarray], np.ndarray]
+    layer: int | None = None  # a scanned model's weights are stacked: this tensor is ``state[path][layer]``
 
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
@@ -107,7 +109,8 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     if not cfg.tie_word_embeddings:
         maps.append(TensorMap("lm_head.weight", ("lm_head",), tr, tr))
     for i in range(cfg.num_layers):
-        p, a = f"model.layers.{i}.", ("layers", i)
+        # scanned: one stacked weight per kind, indexed by layer; unrolled: one weight per block
+        p, a, at = f"model.layers.{i}.", ("layers",) if cfg.scanned else ("layers", i), i if cfg.scanned else None
         layer = [
             ("input_layernorm.weight", ("attn_norm", "scale"), same, same),
             ("post_attention_layernorm.weight", ("mlp_norm", "scale"), same, same),
@@ -127,7 +130,7 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
         if cfg.qk_norm:
             layer += [("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), same, same),
                       ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), same, same)]
-        maps += [TensorMap(p + name, a + path, f, g) for name, path, f, g in layer]
+        maps += [TensorMap(p + name, a + path, f, g, at) for name, path, f, g in layer]
     return maps
 
 
@@ -171,23 +174,27 @@ def init_model(cfg: ModelConfig, *, seed: int = 0, mesh=None, rules=shd.TRAIN_RU
 
 
 def from_pretrained(path, dtype=jnp.float32, mesh=None, *, compute_dtype=None, remat: str = "none",
-                    rules=shd.TRAIN_RULES) -> Transformer:
+                    scan_layers: bool | None = None, rules=shd.TRAIN_RULES) -> Transformer:
     """Load a local HF Qwen2/Qwen2.5/Qwen3/Llama-3 directory as an NNX ``Transformer``.
 
     Args:
       path: directory with ``config.json`` and ``*.safetensors`` (sharded with an index allowed).
       dtype: parameter dtype (and the compute dtype unless ``compute_dtype`` is given).
       mesh: place each parameter's shards straight onto this mesh (``rules`` picks the layout).
+      scan_layers: stack and scan the blocks (``ModelConfig.scan_layers``; None: by layer count).
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     dt = jnp.dtype(dtype).name
-    cfg = load_hf_config(path, param_dtype=dt, dtype=jnp.dtype(compute_dtype or dtype).name, remat=remat)
+    cfg = load_hf_config(path, param_dtype=dt, dtype=jnp.dtype(compute_dtype or dtype).name, remat=remat,
+                         scan_layers=scan_layers)
     graphdef, abstract = abstract_model(cfg)
     files = _weight_files(path)
-    maps = {m.path: m for m in tensor_maps(cfg)}
-    known = {m.hf_name for m in maps.values()}
+    maps: dict[tuple, list[TensorMap]] = {}
+    for m in tensor_maps(cfg):  # a stacked weight gathers its L per-layer tensors, in layer order
+        maps.setdefault(m.path, []).append(m)
+    known = {m.hf_name for ms in maps.values() for m in ms}
     unexpected = [n for n in files if n not in known and not n.endswith(_IGNORED_SUFFIXES)]
     if cfg.tie_word_embeddings:
         unexpected = [n for n in unexpected if n != "lm_head.weight"]  # some exporters keep the tied copy
@@ -195,23 +202,31 @@ def from_pretrained(path, dtype=jnp.float32, mesh=None, *, compute_dtype=None, r
         raise ValueError(f"{files[unexpected[0]].path}: tensor {unexpected[0]!r} is not part of a "
                          f"{cfg.family} model with this config ({len(unexpected)} unexpected tensors)")
 
-    def load(path_, var):
-        m = maps[path_]
+    def view(m, want):
+        """The tensor as a view in our layout (memory-mapped: nothing read yet), its shape checked."""
         if m.hf_name not in files:
             raise KeyError(f"{path}: missing tensor {m.hf_name!r} (searched {sorted({str(f.path.name) for f in files.values()})})")
-        src, want = files[m.hf_name], var.get_value().shape
+        src = files[m.hf_name]
         raw = src.array(m.hf_name)
         expected = m.to_hf(np.empty(want, np.int8)).shape
         if raw.shape != expected:
             raise ValueError(f"{src.path}: tensor {m.hf_name!r} has shape {tuple(raw.shape)}, "
                              f"expected {tuple(expected)} for this config")
-        view = m.to_ours(raw)
-        to_dtype = np.dtype(var.get_value().dtype)
+        return m.to_ours(raw)
+
+    def load(path_, var):
+        want, to_dtype = var.get_value().shape, np.dtype(var.get_value().dtype)
+        if maps[path_][0].layer is None:
+            (m,) = maps[path_]
+            src = view(m, want)
+            read = lambda idx: np.asarray(src[idx]).astype(to_dtype)
+        else:  # stacked [L, ...]: a shard is its layers' slices of their own tensors, stacked
+            srcs = [view(m, want[1:]) for m in maps[path_]]
+            read = lambda idx: np.stack([np.asarray(s[idx[1:]]).astype(to_dtype) for s in srcs[idx[0]]])
         if mesh is None:
-            return var.replace(jnp.asarray(np.asarray(view).astype(to_dtype)))
+            return var.replace(jnp.asarray(read((slice(None),) * len(want))))
         sharding = shd.named(var.get_metadata().get("axes"), want, mesh, rules)
-        return var.replace(jax.make_array_from_callback(want, sharding,
-                                                        lambda idx: np.asarray(view[idx]).astype(to_dtype)))
+        return var.replace(jax.make_array_from_callback(want, sharding, read))
 
     flat = [(p, load(p, v)) for p, v in nnx.to_flat_state(abstract)]
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -240,9 +255,12 @@ def save_pretrained(model: Transformer, out_dir, *, dtype=None, max_shard_bytes:
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     entries = []
     for m in tensor_maps(cfg):
-        var = state[m.path]
-        hf_shape = m.to_hf(np.empty(var.get_value().shape, np.int8)).shape
-        entries.append((m.hf_name, hf_shape, save_dt, lambda m=m, var=var: m.to_hf(_host_array(var.get_value()))))
+        value = state[m.path].get_value()
+        shape = value.shape if m.layer is None else value.shape[1:]
+        hf_shape = m.to_hf(np.empty(shape, np.int8)).shape
+        # A layer of a stacked weight is sliced on device when written, so one tensor at a time is copied.
+        entries.append((m.hf_name, hf_shape, save_dt,
+                        lambda m=m, v=value: m.to_hf(_host_array(v if m.layer is None else v[m.layer]))))
     writer = jax.process_index() == 0
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,11 @@ entered the batch at different steps write at their own slot, and causality is r
 left-padded (all prompts end at the same slot); ``mask`` marks the slots holding real tokens, so padding
 is never attended to. RoPE positions are separate (the count of real tokens before a token), which is
 what makes left padding exact.
+
+Every layer's keys and values live in one stacked array ``[L, B, K, S, H]``, which the scanned decoder
+carries through its scan over layers (and the unrolled one indexes by layer): a layer writes its new
+tokens straight into its slice of the stack (``write_layer``, in place under donation) and reads only
+its own window (``read_layer``), so no layer's cache is ever copied whole.
 """
 
 from __future__ import annotations
@@ -15,16 +20,16 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-# [B, K, S, H]: each kv head's keys are one contiguous [S, H] matrix, the layout the attention dot reads.
+# [L, B, K, S, H]: each kv head's keys are one contiguous [S, H] matrix, the layout the attention dot reads.
 # XLA cannot relayout a jitted program's arguments, so with [B, S, K, H] the TPU compiler copied the
 # whole cache into that layout on entry to the decode loop and back on exit (temp = the cache's size).
-CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # L x [B, K, S, H]
-    v: tuple[jax.Array, ...]  # L x [B, K, S, H]
+    k: jax.Array  # [L, B, K, S, H]
+    v: jax.Array  # [L, B, K, S, H]
     mask: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
     end: jax.Array  # int32 [] (one clock) or [B] (a clock per row): slots [0, end) have been written
     # Static: attention reads slots [0, window) only (0 = the whole cache). Every write must land below
@@ -34,9 +39,8 @@ class KVCache:
     @classmethod
     def zeros(cls, cfg, batch: int, length: int, dtype=None) -> "KVCache":
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-        layers = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(k=layers, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    mask=jnp.zeros((batch, length), bool), end=jnp.zeros((), jnp.int32))
 
     @property
@@ -51,21 +55,21 @@ class KVCache:
     def repeat_rows(self, n: int) -> "KVCache":
         """Each row repeated ``n`` times in place (``[a, b] -> [a, a, b, b]``): one prefilled prompt feeds
         the n rollouts of its group."""
-        rep = lambda x: jnp.repeat(x, n, axis=0)
-        return self.replace(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), mask=rep(self.mask))
+        rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
+        return self.replace(k=rep(self.k, 1), v=rep(self.v, 1), mask=rep(self.mask))
 
     def take_rows(self, idx_J) -> "KVCache":
         """Rows ``idx_J`` (a gather): the engine moves its live rows into a smaller batch."""
-        take = lambda x: jnp.take(x, idx_J, axis=0)
+        take = lambda x, axis=0: jnp.take(x, idx_J, axis=axis)
         end = self.end if self.end.ndim == 0 else take(self.end)
-        return self.replace(k=tuple(map(take, self.k)), v=tuple(map(take, self.v)), mask=take(self.mask), end=end)
+        return self.replace(k=take(self.k, 1), v=take(self.v, 1), mask=take(self.mask), end=end)
 
     def shardings(self, mesh, rules) -> "KVCache":
         """NamedShardings for every leaf, from the logical axes (``CACHE_AXES``) and the rules table."""
         from realjax.sharding import named
 
         kv = lambda x: named(CACHE_AXES, x.shape, mesh, rules)
-        return self.replace(k=tuple(map(kv, self.k)), v=tuple(map(kv, self.v)),
+        return self.replace(k=kv(self.k), v=kv(self.v),
                             mask=named(("batch", "cache_length"), self.mask.shape, mesh, rules),
                             end=named(("batch",)[:self.end.ndim], self.end.shape, mesh, rules))
 
@@ -80,3 +84,22 @@ def write_at(buf, update, end, axis: int):
         return jax.lax.dynamic_update_slice(b, u, tuple(e if a == axis - 1 else 0 for a in range(b.ndim)))
 
     return jax.vmap(row)(buf, update, end)
+
+
+def write_layer(buf_LBKSH, new_BKTH, layer, end):
+    """``new_BKTH`` written into layer ``layer`` of a stacked cache at slot ``end``: one clock (int []) or
+    one per row (int [B]). ``layer`` may be traced (the scan over layers): the update touches the T new
+    slots only, which XLA does in place on a loop-carried or donated buffer."""
+    if jnp.ndim(end) == 0:
+        return jax.lax.dynamic_update_slice(buf_LBKSH, new_BKTH[None], (layer, 0, 0, end, 0))
+
+    def row(b_LKSH, u_KTH, e):
+        return jax.lax.dynamic_update_slice(b_LKSH, u_KTH[None], (layer, 0, e, 0))
+
+    return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(buf_LBKSH, new_BKTH, end)
+
+
+def read_layer(buf_LBKSH, layer, span: int):
+    """Slots ``[0, span)`` of layer ``layer``: [B, K, span, H] (a long decode never reads the unwritten tail)."""
+    _, B, K, _, H = buf_LBKSH.shape
+    return jax.lax.dynamic_slice(buf_LBKSH, (layer, 0, 0, 0, 0), (1, B, K, span, H))[0]

@@ -4,6 +4,12 @@ The same module serves training (a full sequence, no cache) and sampling (a KV c
 cache out): attention always attends from query slots to key slots with one rule, ``key slot <= query
 slot`` and the key slot holds a real token. Without a cache the slots are the sequence positions.
 
+With ``cfg.scanned`` the blocks are one stacked module (every block weight gains a leading ``layers``
+axis, [L, ...]) run by one ``jax.lax.scan``: XLA compiles one block instead of L unrolled copies, which
+is what keeps a 28-layer program's compile time in minutes. The remat policy wraps the scan body, so
+the backward pass keeps one block input per layer. Unscanned, the blocks are a list run in a Python
+loop: the reference the scanned path is tested against.
+
 Every weight carries logical axis names (``axes`` metadata) that ``realjax.sharding`` maps to the mesh;
 every projection is an einsum with the weight's shape beside it. Axis letters: see ``realjax/__init__``.
 """
@@ -21,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from realjax.models.config import ModelConfig
-from realjax.models.kv_cache import KVCache, write_at
+from realjax.models.kv_cache import KVCache, read_layer, write_at, write_layer
 from realjax.sharding import constrain, named
 
 _NEG = float(np.finfo(np.float32).min)  # finite, so a row with no visible key gives a uniform softmax, not NaN
@@ -42,6 +48,25 @@ def placed_params(mesh, rules):
         _PLACEMENT.reset(token)
 
 
+# L while ``_stacked_layers`` is active: each weight created gets a leading [L] axis named "layers".
+_STACK = contextvars.ContextVar("realjax_stacked_layers", default=0)
+
+
+@contextlib.contextmanager
+def _stacked_layers(num_layers: int):
+    token = _STACK.set(num_layers)
+    try:
+        yield
+    finally:
+        _STACK.reset(token)
+
+
+def _stacked(shape, axes):
+    """``(shape, axes)`` of a weight as created: with a leading layer axis inside ``_stacked_layers``."""
+    layers = _STACK.get()
+    return ((layers, *shape), ("layers", *axes)) if layers else (tuple(shape), tuple(axes))
+
+
 @functools.lru_cache(maxsize=None)
 def _initializer(init, shape, dtype, sharding):
     # One small program per distinct (shape, dtype, layout): a model built eagerly compiles a dozen of
@@ -51,14 +76,15 @@ def _initializer(init, shape, dtype, sharding):
 
 
 def _param(rngs, shape, dtype, axes, init=_INIT):
-    placement, shape, dtype = _PLACEMENT.get(), tuple(shape), jnp.dtype(dtype)
+    (shape, axes), placement, dtype = _stacked(shape, axes), _PLACEMENT.get(), jnp.dtype(dtype)
     sharding = None if placement is None else named(axes, shape, *placement)
     return nnx.Param(_initializer(init, shape, dtype, sharding)(rngs.params()), axes=axes)
 
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, param_dtype, axes=("norm",)):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=axes)
+        shape, axes = _stacked((dim,), axes)
+        self.scale = nnx.Param(jnp.ones(shape, param_dtype), axes=axes)
         self.eps = eps
 
     def __call__(self, x):
@@ -123,9 +149,9 @@ class Attention(nnx.Module):
         inv_freq_h = rope_inv_freq(cfg)  # a trace-time constant, not a parameter
         return apply_rope(q_BTNH, positions_BT, inv_freq_h), apply_rope(k_BTKH, positions_BT, inv_freq_h), v_BTKH
 
-    def __call__(self, x_BTD, positions_BT, key_mask_BS, kv=None, end=None):
-        """Attend from the T new tokens; ``kv = (k_BKSH, v_BKSH)`` is this layer's cache, written at
-        slot ``end``. Returns the output and the updated ``(k, v)`` (None without a cache)."""
+    def __call__(self, x_BTD, positions_BT, key_mask_BS, kv=None, end=None, layer=0):
+        """Attend from the T new tokens; ``kv = (k_LBKSH, v_LBKSH)`` is every layer's cache, written at
+        layer ``layer``, slot ``end``. Returns the output and the updated ``(k, v)`` (None without a cache)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         B, T, _ = x_BTD.shape
         K, G, H = cfg.num_kv_heads, cfg.queries_per_kv, cfg.head_dim
@@ -134,12 +160,12 @@ class Attention(nnx.Module):
         if kv is None:
             k_S, v_S, kv_spec, q_slot_T, new_kv = k_BTKH, v_BTKH, "BSKH", jnp.arange(T), None
         else:  # ``end``: one slot clock [] or one per row [B] (KVCache)
-            k_S = write_at(kv[0], k_BTKH.transpose(0, 2, 1, 3).astype(kv[0].dtype), end, axis=2)
-            v_S = write_at(kv[1], v_BTKH.transpose(0, 2, 1, 3).astype(kv[1].dtype), end, axis=2)
-            kv_spec, new_kv = "BKSH", (k_S, v_S)
+            k_L = write_layer(kv[0], k_BTKH.transpose(0, 2, 1, 3).astype(kv[0].dtype), layer, end)
+            v_L = write_layer(kv[1], v_BTKH.transpose(0, 2, 1, 3).astype(kv[1].dtype), layer, end)
+            kv_spec, new_kv = "BKSH", (k_L, v_L)
             q_slot_T = jnp.expand_dims(end, -1) + jnp.arange(T)  # [T] or [B, T]
             # Read slots [0, S) only: a long decode then never streams the cache's unwritten tail.
-            k_S, v_S = k_S[:, :, :S], v_S[:, :, :S]
+            k_S, v_S = read_layer(k_L, layer, S), read_layer(v_L, layer, S)
         q_slot_BT = jnp.broadcast_to(q_slot_T, (B, T))
         visible_BTS = (jnp.arange(S)[None, None, :] <= q_slot_BT[:, :, None]) & key_mask_BS[:, None, :]
         q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
@@ -176,15 +202,15 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, key_mask_BS, kv=None, end=None):
-        h_BTD, new_kv = self.attn(self.attn_norm(x_BTD), positions_BT, key_mask_BS, kv, end)
+    def __call__(self, x_BTD, positions_BT, key_mask_BS, kv=None, end=None, layer=0):
+        h_BTD, new_kv = self.attn(self.attn_norm(x_BTD), positions_BT, key_mask_BS, kv, end, layer)
         x_BTD = x_BTD + h_BTD
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return constrain(x_BTD, ("batch", "length", None)), new_kv
 
 
-def _block_call(graphdef, state, x, positions, key_mask, kv, end):
-    return nnx.merge(graphdef, state)(x, positions, key_mask, kv, end)
+def _block_call(graphdef, state, x, positions, key_mask, kv, end, layer):
+    return nnx.merge(graphdef, state)(x, positions, key_mask, kv, end, layer)
 
 
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -202,7 +228,11 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         V, D, pdt = cfg.vocab_size, cfg.hidden_size, cfg.param_dtype
         self.embed = _param(rngs, (V, D), pdt, ("vocab", "embed"))  # VD
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        if cfg.scanned:
+            with _stacked_layers(cfg.num_layers):
+                self.layers = Block(cfg, rngs=rngs)  # one module, every weight [L, ...]
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pdt)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (D, V), pdt, ("embed", "vocab"))  # DV
@@ -232,21 +262,35 @@ class Transformer(nnx.Module):
         else:
             full_mask_BS = write_at(cache.mask, mask_BT, cache.end, axis=1)
             key_mask_BS, end = full_mask_BS[:, :cache.span], cache.end
-        call = _block_call
-        if cfg.remat != "none":
-            # A pure jax.checkpoint over (graphdef, state): nothing to write back, any trace level.
-            call = jax.checkpoint(_block_call, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,))
-        ks, vs = [], []
-        for i, block in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x_BTD, new_kv = call(*nnx.split(block), x_BTD, positions_BT, key_mask_BS, kv, end)
-            if new_kv is not None:
-                ks.append(new_kv[0])
-                vs.append(new_kv[1])
+        kv = None if cache is None else (cache.k, cache.v)
+        x_BTD, kv = self._blocks(x_BTD, positions_BT, key_mask_BS, kv, end)
         h_BTD = self.final_norm(x_BTD)
         if cache is None:
             return h_BTD, None
-        return h_BTD, cache.replace(k=tuple(ks), v=tuple(vs), mask=full_mask_BS, end=cache.end + T)
+        return h_BTD, cache.replace(k=kv[0], v=kv[1], mask=full_mask_BS, end=cache.end + T)
+
+    def _blocks(self, x_BTD, positions_BT, key_mask_BS, kv, end):
+        """Every block in order: one scan over the stacked blocks, or a loop over the list."""
+        call = _block_call
+        if self.cfg.remat != "none":
+            # A pure jax.checkpoint over (graphdef, state): nothing to write back, any trace level. Inside
+            # the scan body it makes the backward pass keep only each layer's input x.
+            call = jax.checkpoint(_block_call, policy=_REMAT_POLICIES[self.cfg.remat], static_argnums=(0,))
+        if not self.cfg.scanned:
+            for i, block in enumerate(self.layers):
+                x_BTD, kv = call(*nnx.split(block), x_BTD, positions_BT, key_mask_BS, kv, end, i)
+            return x_BTD, kv
+        graphdef, state_L = nnx.split(self.layers)
+
+        def body(carry, state):
+            # The cache rides in the carry, not in xs/ys: each layer then writes its T new slots in place
+            # instead of the scan copying a whole layer's cache in and out per step.
+            x_BTD, kv, layer = carry
+            x_BTD, kv = call(graphdef, state, x_BTD, positions_BT, key_mask_BS, kv, end, layer)
+            return (x_BTD, kv, layer + 1), None
+
+        (x_BTD, kv, _), _ = jax.lax.scan(body, (x_BTD, kv, jnp.zeros((), jnp.int32)), state_L)
+        return x_BTD, kv
 
     def logits(self, h_BTD):
         """fp32 logits [B, T, V] (materialised: use ``realjax.models.token_logprobs`` at long T)."""

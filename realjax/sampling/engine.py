@@ -52,8 +52,8 @@ from realjax.sampling.strategies import SamplingConfig, choose
 class Prompts:
     """Every prompt of a call, prefilled once: its cache slots [0, Tp) and its last logits."""
 
-    k: tuple[jax.Array, ...]  # L x [P, K, Tp, H]
-    v: tuple[jax.Array, ...]  # L x [P, K, Tp, H]
+    k: jax.Array  # [L, P, K, Tp, H]
+    v: jax.Array  # [L, P, K, Tp, H]
     mask_PT: jax.Array  # bool: real prompt tokens
     logits_PV: jax.Array  # fp32: the next-token logits after the prompt
     length_P: jax.Array  # int32: real prompt tokens (RoPE positions continue from here)
@@ -204,8 +204,8 @@ class Engine:
     def _empty_fn(self, B, S, rows, prompts: Prompts, key):
         """``B`` free slots of ``S`` cache slots and empty results for ``rows`` rows."""
         self.trace_counts["empty"] += 1
-        zeros = lambda x: jnp.zeros((B, x.shape[1], S, x.shape[3]), x.dtype)
-        cache = KVCache(k=tuple(map(zeros, prompts.k)), v=tuple(map(zeros, prompts.v)),
+        zeros = lambda x: jnp.zeros((x.shape[0], B, x.shape[2], S, x.shape[4]), x.dtype)
+        cache = KVCache(k=zeros(prompts.k), v=zeros(prompts.v),
                         mask=jnp.zeros((B, S), bool), end=jnp.zeros((B,), jnp.int32))
         ints = jnp.zeros((B,), jnp.int32)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ints)  # placeholders: a row brings its own key
@@ -228,11 +228,11 @@ class Engine:
         c = slots.cache
         Tp, S = prompts.mask_PT.shape[1], c.length
         put = lambda x, u: x.at[slot_J].set(u, mode="drop")
-        put_prompt = lambda x, u: x.at[slot_J, :, :Tp].set(u[p_J], mode="drop")
+        put_prompt = lambda x, u: x.at[:, slot_J, :, :Tp].set(u[:, p_J], mode="drop")
         # The slots past the prompt keep the last row's keys and values: masked out, and overwritten as
         # the new row writes them.
         mask_JS = jnp.zeros((slot_J.shape[0], S), bool).at[:, :Tp].set(prompts.mask_PT[p_J])
-        cache = c.replace(k=tuple(map(put_prompt, c.k, prompts.k)), v=tuple(map(put_prompt, c.v, prompts.v)),
+        cache = c.replace(k=put_prompt(c.k, prompts.k), v=put_prompt(c.v, prompts.v),
                           mask=put(c.mask, mask_JS), end=put(c.end, jnp.full_like(slot_J, Tp)))
         slots = Slots(row_B=put(slots.row_B, row_J), step_B=put(slots.step_B, jnp.ones_like(slot_J)),
                       last_B=put(slots.last_B, token_J), prompt_len_B=put(slots.prompt_len_B, prompts.length_P[p_J]),
