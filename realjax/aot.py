@@ -29,7 +29,11 @@ the full budget. The sampler decodes in cache windows (``SamplingConfig.window_t
 each: every window is compiled, and the ``decode`` row merges them (the largest peak; FLOPs and bytes
 read averaged over the steps), a step reading the KV cache only up to its window. XLA's own "bytes
 accessed" is kept in the JSON; it counts whole-buffer traffic of in-place cache updates, so it
-overstates decoding several times.
+overstates decoding several times. For the same reason a model with scanned layers
+(``model.scan_layers``) would count one layer: its FLOPs are the compiled program's times the ratio of
+two uncompiled counts of the whole (unpartitioned) program, one lowered with the layer scan unrolled
+(``ModelConfig.unroll_scan``: same parameters) and one as compiled. Memory and compile time are the
+scanned program's own.
 """
 
 from __future__ import annotations
@@ -195,7 +199,7 @@ def model_config(cfg):
 
     m = cfg.model
     dtype = "bfloat16" if m.dtype == "auto" else m.dtype
-    kw = dict(param_dtype=m.param_dtype, dtype=dtype, remat=m.remat)
+    kw = dict(param_dtype=m.param_dtype, dtype=dtype, remat=m.remat, scan_layers=m.scan_layers)
     path = DEMO_ASSET if m.path == "demo" else Path(m.path).expanduser()
     if m.path and (path / "config.json").is_file():
         return load_hf_config(path, **kw), str(path)
@@ -260,14 +264,15 @@ _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory")
 _SIZE = re.compile(r"([\d.]+)([KMGT])\b")
 
 
-def _compile(program: Program, lower, log) -> Any:
-    """Compile ``lower()``'s program and fill in ``program``; an out-of-memory compile is recorded."""
+def _compile(program: Program, lower, log, st: "_State") -> Any:
+    """Compile ``lower(graphdef)``'s program for the run's model and fill in ``program``; an out-of-memory
+    compile is recorded. With scanned layers the FLOPs are scaled by ``_unrolled_ratio``."""
     import jax
 
     log(f"compiling {program.name} ({program.shape})")
     t0 = time.perf_counter()
     try:
-        compiled = lower().compile()
+        compiled = lower(st.graphdef).compile()
     except jax.errors.JaxRuntimeError as e:
         if not _OOM.search(str(e)):
             raise
@@ -287,7 +292,24 @@ def _compile(program: Program, lower, log) -> Any:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     program.flops = float(cost.get("flops", 0.0))
     program.bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    if st.count_graphdef is not None:
+        program.flops *= _unrolled_ratio(lower(st.count_graphdef), lower(st.graphdef))
     return compiled
+
+
+def _unrolled_ratio(unrolled, scanned) -> float:
+    """FLOPs of the program with its layer scan unrolled over FLOPs as scanned (where XLA counts the scan
+    body once), both counted by XLA's cost analysis on the lowered, unpartitioned HLO.
+
+    The TPU client has no cost analysis of an uncompiled program, so the host CPU client counts it (an
+    HLO count, independent of the target); compiling the unrolled program would cost what scanning saves.
+    """
+    import jax
+    from jax._src.lib import _jax  # no public API counts an uncompiled HLO module on another backend
+
+    cpu = jax.devices("cpu")[0].client
+    count = lambda lowered: _jax.hlo_module_cost_analysis(cpu, lowered._lowering.hlo().as_hlo_module())["flops"]
+    return count(unrolled) / count(scanned)
 
 
 @dataclasses.dataclass
@@ -295,6 +317,7 @@ class _State:
     """The run's device state, abstract: weights in both layouts, Adam moments, and their sizes per chip."""
 
     graphdef: Any
+    count_graphdef: Any  # the model with its layer scan unrolled, for FLOPs (None: not scanned)
     plan: Any  # the run plan Trainer would build on this mesh
     state: Any  # TrainState of ShapeDtypeStructs (TRAIN_RULES)
     rollout_params: Any  # ROLLOUT_RULES
@@ -325,7 +348,8 @@ def _abstract_state(cfg, mcfg, mesh, stops) -> _State:
                  rollout_params=0 if same else _bytes_per_chip(rollout_params),
                  ref_params=b_params if plan.use_ref else 0)
     state = TrainState(params, opt_state, params if plan.use_ref else None)
-    return _State(graphdef, plan, state, rollout_params, sizes)
+    count_graphdef = abstract_model(mcfg.replace(unroll_scan=True))[0] if mcfg.scanned else None
+    return _State(graphdef, count_graphdef, plan, state, rollout_params, sizes)
 
 
 def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
@@ -365,14 +389,14 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
         score = Program("score", int(plan.recompute_old_logp) + int(plan.use_ref),
                         f"{chunks} x {rows // chunks} rows x {tp}+{N} tok", b["opt_state"] + b["ref_params"])
         batch = UpdateBatch.spec((chunks, rows // chunks), tp, N, with_ref=False, sharding=plan.batch_sharding)
-        _compile(score, lambda: plan.scoring_fn(st.graphdef).lower(st.state.params, batch), log)
+        _compile(score, lambda g: plan.scoring_fn(g).lower(st.state.params, batch), log, st)
         programs.append(score)
     micro_rows = plan.rows_per_micro_batch
     update = Program("update", o.mini_batches, f"{o.micro_batches} x {micro_rows} rows x {tp}+{N} tok",
                      b["ref_params"])
     batch = UpdateBatch.spec((o.micro_batches, micro_rows), tp, N, with_ref=plan.use_ref, sharding=plan.batch_sharding,
                              with_sampler=cfg.rollout.is_correction != "none")  # importance weights need both
-    _compile(update, lambda: plan.update_step(st.graphdef).lower(st.state, batch), log)
+    _compile(update, lambda g: plan.update_step(g).lower(st.state, batch), log, st)
     programs.append(update)
     return _summarise(cfg, topo, mesh, mcfg, source, programs, b)
 
@@ -394,8 +418,8 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
     prefill = Program(prefix + "prefill", calls, f"{prompts} prompts x {tp} tok -> {prompts * group} rows", resident)
-    compiled = _compile(prefill, lambda: sampler.prefill_program.lower(st.graphdef, st.rollout_params, ids, ids, key, group),
-                        log)
+    compiled = _compile(prefill, lambda g: sampler.prefill_program.lower(g, st.rollout_params, ids, ids,
+                                                                         key, group), log, st)
     if compiled is None:
         decode = Program(prefix + "decode", calls * N, f"{prompts * group} rows x 1 tok, cache {tp + N}", resident)
         decode.error = "not compiled: its prefill does not fit"
@@ -407,8 +431,8 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     for w in windows:  # the steps that write slots [start, w) run in the program for window w
         part = Program(prefix + "decode", w - start, f"window {w}", resident,
                        unread_bytes=cache_bytes * (1 - w / S))
-        _compile(part, lambda w=w: sampler.decode_program.lower(st.graphdef, st.rollout_params,
-                                                        sampler.with_window(state, w)), log)
+        _compile(part, lambda g, w=w: sampler.decode_program.lower(g, st.rollout_params,
+                                                                   sampler.with_window(state, w)), log, st)
         parts.append(part)
         start = w
     decode = _merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {S}"

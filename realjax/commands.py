@@ -90,7 +90,7 @@ def export(args) -> int:
         raise CliError(f"{run} is not a run directory (no config.yaml)")
     cfg = load_config(run / "config.yaml")
     source = model_path(cfg)
-    model = from_pretrained(source, dtype=cfg.model.param_dtype)
+    model = from_pretrained(source, dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers)  # the run's layout
     graphdef, params = nnx.split(model)
     ckpt = Checkpointer(run / "checkpoints")
     step = args.step if args.step is not None else ckpt.latest_step()

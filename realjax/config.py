@@ -33,6 +33,7 @@ class ModelSection:
     param_dtype: str = "float32"  # master weights (the paper: fp32 under FSDP mixed precision)
     dtype: str = "auto"  # compute dtype: auto = fp32 on CPU, bf16 on GPU/TPU
     remat: str = "none"  # none | full | dots: recompute blocks in the backward pass
+    scan_layers: bool | None = None  # one scanned, stacked block module; unset: from 8 blocks up
     logprob_chunk_tokens: int = 4096  # tokens per chunk of vocab logits (memory vs speed)
 
 

@@ -62,6 +62,9 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool | None = None
+    # Trace the scan over layers fully unrolled: the same parameters and function as the scan, for
+    # `realjax compile` to count FLOPs (XLA's cost analysis counts a loop body once, i.e. one layer).
+    unroll_scan: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:

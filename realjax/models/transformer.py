@@ -289,7 +289,8 @@ class Transformer(nnx.Module):
             x_BTD, kv = call(graphdef, state, x_BTD, positions_BT, key_mask_BS, kv, end, layer)
             return (x_BTD, kv, layer + 1), None
 
-        (x_BTD, kv, _), _ = jax.lax.scan(body, (x_BTD, kv, jnp.zeros((), jnp.int32)), state_L)
+        (x_BTD, kv, _), _ = jax.lax.scan(body, (x_BTD, kv, jnp.zeros((), jnp.int32)), state_L,
+                                         unroll=self.cfg.unroll_scan)
         return x_BTD, kv
 
     def logits(self, h_BTD):

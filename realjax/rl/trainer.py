@@ -83,10 +83,11 @@ class Trainer:
         if self.model_path is None:  # random weights of a preset, with the character tokenizer (device checks)
             from realjax.tiny import char_tokenizer
 
-            arch = preset(cfg.model.preset, param_dtype=cfg.model.param_dtype, dtype=dtype, remat=cfg.model.remat)
+            arch = preset(cfg.model.preset, param_dtype=cfg.model.param_dtype, dtype=dtype, remat=cfg.model.remat,
+                          scan_layers=cfg.model.scan_layers)
             return char_tokenizer(), init_model(arch, seed=cfg.seed, mesh=self.mesh, rules=shd.TRAIN_RULES)
         model = from_pretrained(self.model_path, dtype=cfg.model.param_dtype, compute_dtype=dtype, mesh=self.mesh,
-                                remat=cfg.model.remat, rules=shd.TRAIN_RULES)
+                                remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, rules=shd.TRAIN_RULES)
         return load_tokenizer(self.model_path), model
 
     def _build_data(self):
