@@ -264,9 +264,10 @@ _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory")
 _SIZE = re.compile(r"([\d.]+)([KMGT])\b")
 
 
-def _compile(program: Program, lower, log, st: "_State") -> Any:
+def _compile(program: Program, lower, log, st: "_State", counts: tuple[float, float] | None = None) -> Any:
     """Compile ``lower(graphdef)``'s program for the run's model and fill in ``program``; an out-of-memory
-    compile is recorded. With scanned layers the FLOPs are scaled by ``_unrolled_ratio``."""
+    compile is recorded. With scanned layers the FLOPs are scaled by unrolled / scanned ``counts``
+    (``_flop_counts`` unless given)."""
     import jax
 
     log(f"compiling {program.name} ({program.shape})")
@@ -293,13 +294,14 @@ def _compile(program: Program, lower, log, st: "_State") -> Any:
     program.flops = float(cost.get("flops", 0.0))
     program.bytes_accessed = float(cost.get("bytes accessed", 0.0))
     if st.count_graphdef is not None:
-        program.flops *= _unrolled_ratio(lower(st.count_graphdef), lower(st.graphdef))
+        unrolled, scanned = counts or _flop_counts(lower, st)
+        program.flops *= unrolled / scanned
     return compiled
 
 
-def _unrolled_ratio(unrolled, scanned) -> float:
-    """FLOPs of the program with its layer scan unrolled over FLOPs as scanned (where XLA counts the scan
-    body once), both counted by XLA's cost analysis on the lowered, unpartitioned HLO.
+def _flop_counts(lower, st: "_State") -> tuple[float, float]:
+    """FLOPs of the program with its layer scan unrolled, and as scanned (where XLA counts the scan body
+    once), both counted by XLA's cost analysis on the lowered, unpartitioned HLO.
 
     The TPU client has no cost analysis of an uncompiled program, so the host CPU client counts it (an
     HLO count, independent of the target); compiling the unrolled program would cost what scanning saves.
@@ -308,8 +310,8 @@ def _unrolled_ratio(unrolled, scanned) -> float:
     from jax._src.lib import _jax  # no public API counts an uncompiled HLO module on another backend
 
     cpu = jax.devices("cpu")[0].client
-    count = lambda lowered: _jax.hlo_module_cost_analysis(cpu, lowered._lowering.hlo().as_hlo_module())["flops"]
-    return count(unrolled) / count(scanned)
+    count = lambda graphdef: _jax.hlo_module_cost_analysis(cpu, lower(graphdef)._lowering.hlo().as_hlo_module())["flops"]
+    return count(st.count_graphdef), count(st.graphdef)
 
 
 @dataclasses.dataclass
@@ -428,17 +430,31 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info)
     cache_bytes, S = _bytes_per_chip((state.cache.k, state.cache.v)), state.cache.length
     windows, parts, start = sampler.windows(state), [], tp
+    lower = lambda g, w: sampler.decode_program.lower(g, st.rollout_params, sampler.with_window(state, w))
+    counts = _window_counts(lower, st, windows)
     for w in windows:  # the steps that write slots [start, w) run in the program for window w
         part = Program(prefix + "decode", w - start, f"window {w}", resident,
                        unread_bytes=cache_bytes * (1 - w / S))
-        _compile(part, lambda g, w=w: sampler.decode_program.lower(g, st.rollout_params,
-                                                                   sampler.with_window(state, w)), log, st)
+        _compile(part, lambda g, w=w: lower(g, w), log, st, counts(w))
         parts.append(part)
         start = w
     decode = _merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {S}"
                     + (f", {len(windows)} windows" if len(windows) > 1 else ""), parts)
     decode.runs *= calls  # the parts counted one call's steps
     return [prefill, decode]
+
+
+def _window_counts(lower, st: _State, windows):
+    """``window -> (unrolled, scanned)`` FLOP counts of the decode step (None: not scanned). A step's
+    FLOPs are affine in its window (attention reads ``window`` slots), so the first and last windows'
+    counts give every other's: two unrolled lowerings instead of one per window."""
+    if st.count_graphdef is None:
+        return lambda w: None
+    first, last = (_flop_counts(lambda g, w=w: lower(g, w), st) for w in (windows[0], windows[-1]))
+    if windows[-1] == windows[0]:
+        return lambda w: first
+    at = lambda w, i: first[i] + (last[i] - first[i]) * (w - windows[0]) / (windows[-1] - windows[0])
+    return lambda w: (at(w, 0), at(w, 1))
 
 
 def _merge(name: str, shape: str, parts: list[Program]) -> Program:

@@ -224,8 +224,11 @@ def _compile_json(model_dir, *overrides) -> dict:
 @needs_libtpu
 def test_scanned_layers_keep_the_cache_in_place_and_count_every_layer(tmp_path):
     """Scanned layers (one stacked block under a scan, the cache [L, B, K, S, H] in the scan's carry) give
-    the unrolled programs' FLOPs (counted on the unrolled lowering: XLA counts a loop body once) and
-    still update the cache in place: no program holds a second cache in temporaries."""
+    the unrolled programs' FLOPs (scaled by the unrolled lowering's count: XLA counts a loop body once).
+    The decode loop updates the cache in place, but the TPU compiler lays the loop-carried cache out
+    differently from the argument ([L, S, K, B, H] in memory, following the new keys' layout), so the
+    program relays it out once on entry and back on exit: one cache in temporaries, never one per layer
+    or per step (the unrolled program keeps the argument's layout: no copy)."""
     from realjax.rl.components import DEMO_ASSET
 
     arch = json.loads((DEMO_ASSET / "config.json").read_text())
@@ -241,12 +244,10 @@ def test_scanned_layers_keep_the_cache_in_place_and_count_every_layer(tmp_path):
         # forward programs count the same ops; the scan's backward adds a few per-layer slice updates
         assert s["flops_per_chip"] == pytest.approx(u["flops_per_chip"], rel=0.03 if name == "update" else 1e-3), name
         assert s["argument_bytes"] == pytest.approx(u["argument_bytes"], rel=1e-2), name  # TPU tiles pad [L, D]
-    print(json.dumps({n: {k: (scanned["programs"][n][k], unrolled["programs"][n][k]) for k in
-                          ("flops_per_chip", "argument_bytes", "temp_bytes", "peak_bytes", "compile_s")}
-                      for n in ("prefill", "decode", "update")}))
-    dec = scanned["programs"]["decode"]
-    cache = 3 * 2 * (16 * 8 // 4) * (64 + 512) * 2 * 128 * 4  # layers x (k, v) x [B, S, K, H] fp32, per chip
-    assert dec["temp_bytes"] < 0.1 * cache and dec["output_bytes"] - dec["alias_bytes"] < 0.01 * cache
+    cache = 3 * 2 * (16 * 8 // 4) * (64 + 512) * 2 * 128 * 4  # layers x (k, v) x [B, K, S, H] fp32, per chip
+    dec, dec_u = scanned["programs"]["decode"], unrolled["programs"]["decode"]
+    assert dec_u["temp_bytes"] < 0.1 * cache and dec["temp_bytes"] < 1.1 * cache
+    assert dec["output_bytes"] - dec["alias_bytes"] < 0.01 * cache  # the state comes back in its own buffers
 
 
 @pytest.mark.slow

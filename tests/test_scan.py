@@ -1,6 +1,10 @@
 """Scanned layers (``ModelConfig.scan_layers``): one stacked block module under ``jax.lax.scan`` computes
 what the unrolled blocks compute, loads and saves the same HF tensors (per shard on a mesh), and serves
-the sampler, the engine and the update step unchanged."""
+the sampler, the engine and the trainer unchanged. The default run keeps the cheap checks (one family,
+one mesh); gradients under each remat policy, the sampler and engine, and a training run are -m slow
+(minutes on a loaded 2-core host)."""
+
+import json
 
 import chex
 import jax
@@ -19,7 +23,9 @@ from realjax.sampling import Engine, Sampler, SamplingConfig
 LAYERS = 3  # more than one scan step, and a count where the layer order shows
 
 
-@pytest.fixture(scope="module", params=["qwen2", "qwen3", "llama"])
+# qwen2 (q/k/v biases, untied head) runs by default; the other families with -m slow.
+@pytest.fixture(scope="module", params=["qwen2", pytest.param("qwen3", marks=pytest.mark.slow),
+                                        pytest.param("llama", marks=pytest.mark.slow)])
 def hf_dir(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     return d, make_hf_model(request.param, d, seed=5, num_hidden_layers=LAYERS)
@@ -81,6 +87,7 @@ def test_scanned_logits_equal_transformers_and_the_unrolled_model(hf_dir):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 def test_scanned_gradients_equal_unrolled_under_each_remat_policy(remat):
     base = ModelConfig(family="qwen2", vocab_size=60, hidden_size=32, num_layers=LAYERS, num_heads=4,
@@ -114,7 +121,7 @@ def test_scanned_save_writes_the_unrolled_tensors_and_loads_back(hf_dir, tmp_pat
                                 _values(nnx.state(scanned, nnx.Param)))
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (1, 2, 4)])
+@pytest.mark.parametrize("mesh_shape", [(1, 2, 4), pytest.param((2, 4, 1), marks=pytest.mark.slow)])
 def test_scanned_load_onto_a_mesh_per_shard_equals_unsharded(hf_dir, mesh_shape):
     d, _ = hf_dir
     mesh = shd.make_mesh(shd.MeshConfig(*mesh_shape))
@@ -165,6 +172,7 @@ def test_scanned_cached_decode_equals_full_forward(models):
     np.testing.assert_allclose(got[full_mask == 1], want[full_mask == 1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scanned_sampler_and_engine_draw_the_unrolled_samples(models):
     scanned, unrolled = models
     cfg = SamplingConfig(max_new_tokens=9, temperature=1.0, window_tokens=4)
@@ -181,3 +189,27 @@ def test_scanned_sampler_and_engine_draw_the_unrolled_samples(models):
         np.testing.assert_array_equal(got.tokens, want.tokens)
         np.testing.assert_array_equal(got.lengths, want.lengths)
         np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_scanned_run_trains_checkpoints_and_exports_as_the_unrolled_one(tmp_path):
+    """The demo model (4 blocks) trained one RL step with and without ``model.scan_layers`` on the
+    8-device mesh: the same loss, and ``realjax export`` of each checkpoint writes the same HF weights."""
+    from realjax.cli import main
+    from realjax.commands import demo_config_path
+    from realjax.config import load_config
+    from realjax.rl import Trainer
+
+    base = ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=12", "optim.mini_batches=2",
+            "trainer.steps=1", "trainer.save_every=1", "data.eval=",
+            "logging.progress=false", "logging.tensorboard=false", "trainer.export=false", "mesh.fsdp=4", "mesh.tensor=2"]
+    losses, exported = [], []
+    for scan in ("true", "false"):
+        cfg = load_config(demo_config_path(), [f"output_dir={tmp_path}", f"name=s{scan}", *base, f"model.scan_layers={scan}"])
+        summary = Trainer(cfg).run()
+        rows = [r for r in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        losses.append(rows[-1]["loss"])
+        assert main(["export", "--run", str(summary["run_dir"]), "--out", str(tmp_path / f"export_{scan}")]) == 0
+        exported.append(_values(nnx.state(from_pretrained(tmp_path / f"export_{scan}"), nnx.Param)))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    chex.assert_trees_all_close(exported[0], exported[1], atol=1e-6)

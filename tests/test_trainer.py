@@ -169,6 +169,7 @@ def test_repeated_non_finite_updates_abort_with_params_unchanged(tmp_path):
     (["rollout.window_tokens=0"], "rollout.window_tokens must be >= 1, got 0"),
     (["rollout.compact_every=0"], "rollout.compact_every must be >= 1, got 0"),
     (["rollout.slots=-1"], "rollout.slots must be >= 0"),
+    (["model.scan_layers=maybe"], "model.scan_layers: expected bool, got str 'maybe'"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
