@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from realjax.models.config import ModelConfig
 from realjax.models.kv_cache import KVCache, read_layer, write_at, write_layer
@@ -213,6 +214,7 @@ def _block_call(graphdef, state, x, positions, key_mask, kv, end, layer):
     return nnx.merge(graphdef, state)(x, positions, key_mask, kv, end, layer)
 
 
+_ROW_MAJOR_5D = Layout(tuple(range(5)))
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
@@ -287,6 +289,11 @@ class Transformer(nnx.Module):
             # instead of the scan copying a whole layer's cache in and out per step.
             x_BTD, kv, layer = carry
             x_BTD, kv = call(graphdef, state, x_BTD, positions_BT, key_mask_BS, kv, end, layer)
+            if kv is not None:
+                # Pin the carried cache to the arguments' row-major layout. Left free, the TPU compiler
+                # gives the loop's cache the layout of the new keys it writes ([L, S, K, B, H] in memory)
+                # and copies the whole cache into it before the decode loop and back after it.
+                kv = with_layout_constraint(kv, (_ROW_MAJOR_5D, _ROW_MAJOR_5D))
             return (x_BTD, kv, layer + 1), None
 
         (x_BTD, kv, _), _ = jax.lax.scan(body, (x_BTD, kv, jnp.zeros((), jnp.int32)), state_L,
