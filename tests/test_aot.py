@@ -229,7 +229,7 @@ def test_scanned_layers_keep_the_cache_in_place_and_count_every_layer(tmp_path):
     and update the cache in place. Left free, the TPU compiler laid the loop-carried cache out as the new
     keys it writes ([L, S, K, B, H] in memory) and copied the whole cache into that layout around the
     decode loop (temp = the cache); the scan body now pins it to the arguments' layout."""
-    from realjax.rl.components import DEMO_ASSET
+    from realjax.rl.setup import DEMO_ASSET
 
     arch = json.loads((DEMO_ASSET / "config.json").read_text())
     arch.update(num_hidden_layers=3, hidden_size=64, intermediate_size=128, head_dim=128)

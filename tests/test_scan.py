@@ -196,8 +196,7 @@ def test_a_scanned_run_trains_checkpoints_and_exports_as_the_unrolled_one(tmp_pa
     """The demo model (4 blocks) trained one RL step with and without ``model.scan_layers`` on the
     8-device mesh: the same loss, and ``realjax export`` of each checkpoint writes the same HF weights."""
     from realjax.cli import main
-    from realjax.commands import demo_config_path
-    from realjax.config import load_config
+    from realjax.config import demo_config_path, load_config
     from realjax.rl import Trainer
 
     base = ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=12", "optim.mini_batches=2",
