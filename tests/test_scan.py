@@ -15,9 +15,13 @@ from _tiny import make_hf_model, torch_logits
 from flax import nnx
 
 from realjax import sharding as shd
+from realjax.cli import main
+from realjax.config import demo_config_path, load_config
 from realjax.data import batch_prompts
-from realjax.models import PRESETS, KVCache, ModelConfig, from_pretrained, preset, save_pretrained
+from realjax.models import (PRESETS, KVCache, ModelConfig, abstract_model, from_pretrained, init_model, preset,
+                            save_pretrained)
 from realjax.models.config import SCAN_MIN_LAYERS
+from realjax.rl import Trainer
 from realjax.sampling import Engine, Sampler, SamplingConfig
 
 LAYERS = 3  # more than one scan step, and a count where the layer order shows
@@ -63,8 +67,6 @@ def test_the_layer_count_rule_and_validation():
 
 
 def test_stacked_weights_carry_the_layers_axis_and_count_the_same():
-    from realjax.models import abstract_model
-
     cfg = PRESETS["deepseek-r1-distill-qwen-1.5b"]
     _, scanned = abstract_model(cfg)
     _, unrolled = abstract_model(cfg.replace(scan_layers=False))
@@ -92,8 +94,6 @@ def test_scanned_logits_equal_transformers_and_the_unrolled_model(hf_dir):
 def test_scanned_gradients_equal_unrolled_under_each_remat_policy(remat):
     base = ModelConfig(family="qwen2", vocab_size=60, hidden_size=32, num_layers=LAYERS, num_heads=4,
                        num_kv_heads=2, head_dim=8, intermediate_size=48, remat=remat)
-    from realjax.models import init_model
-
     graphdef_u, state_u = nnx.split(init_model(base.replace(scan_layers=False), seed=3))
     graphdef_s, state_s = nnx.split(init_model(base.replace(scan_layers=True), seed=3))
     state_s = nnx.from_flat_state([(p, v.replace(_stacked(state_u)[p])) for p, v in nnx.to_flat_state(state_s)])
@@ -195,10 +195,6 @@ def test_scanned_sampler_and_engine_draw_the_unrolled_samples(models):
 def test_a_scanned_run_trains_checkpoints_and_exports_as_the_unrolled_one(tmp_path):
     """The demo model (4 blocks) trained one RL step with and without ``model.scan_layers`` on the
     8-device mesh: the same loss, and ``realjax export`` of each checkpoint writes the same HF weights."""
-    from realjax.cli import main
-    from realjax.config import demo_config_path, load_config
-    from realjax.rl import Trainer
-
     base = ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=12", "optim.mini_batches=2",
             "trainer.steps=1", "trainer.save_every=1", "data.eval=",
             "logging.progress=false", "logging.tensorboard=false", "trainer.export=false", "mesh.fsdp=4", "mesh.tensor=2"]
