@@ -241,6 +241,9 @@ class Program:
     compile_s: float = 0.0
     error: str = ""  # RESOURCE_EXHAUSTED text when XLA cannot fit it
     unread_bytes: float = 0.0  # per chip, one run: argument bytes it never reads (cache beyond its window)
+    window: int = 0  # a decode window's program: the cache slots it reads
+    parts: list = dataclasses.field(default_factory=list)  # decode: the window programs it merges
+    cache_bytes: int = 0  # decode: the KV cache, per chip
 
     @property
     def read_bytes(self) -> float:
@@ -328,13 +331,15 @@ def _abstract_state(cfg, mcfg, mesh, stops) -> _State:
     return _State(graphdef, plan, state, rollout_params, sizes)
 
 
-def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
+def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str = "r1-distill") -> dict:
     """Compile the RL step of ``cfg`` for ``topology`` (e.g. "v5p-8"); per-chip memory, FLOPs, fits.
 
     ``log`` receives a line as each program starts compiling (minutes each at 8k tokens on a small host).
+    ``lengths``: the length distribution the rollout is also priced under (``realjax.aot_lengths``).
     Raises ``TpuUnavailable`` without libtpu, ``ValueError`` for a bad topology or mesh.
     """
     from realjax import sharding as shd
+    from realjax.aot_lengths import rollout_under_lengths
     from realjax.data import bucket_length
     from realjax.rl.batch import UpdateBatch
 
@@ -374,7 +379,17 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
                              with_sampler=cfg.rollout.is_correction != "none")  # importance weights need both
     _compile(update, lambda: plan.update_step(st.graphdef).lower(st.state, batch), log)
     programs.append(update)
-    return _summarise(cfg, topo, mesh, mcfg, source, programs, b)
+    rep = _summarise(cfg, topo, mesh, mcfg, source, programs, b)
+    if programs[1].parts and not programs[1].error:  # the training decode compiled
+        under = rollout_under_lengths(
+            lengths, prefill=programs[0], decode=programs[1], chip=topo.chip, rows=per_call * G,
+            calls=r.prompts_per_step // per_call, prompts=per_call, prompt=tp, new=N, slots=r.slots,
+            multiple=shd.batch_rows_multiple(mesh, shd.ROLLOUT_RULES), compact_every=r.compact_every,
+            window_tokens=plan.sampling.window_tokens)
+        under["step_time_roofline_s"] = (rep["step_time_roofline_s"] - rep["phase_time_roofline_s"]["rollout"]
+                                         + under["rollout_roofline_s"])
+        rep["rollout_under_lengths"] = under
+    return rep
 
 
 def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp: int, group: int, calls: int,
@@ -406,7 +421,7 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     windows, parts, start = sampler.windows(state), [], tp
     for w in windows:  # the steps that write slots [start, w) run in the program for window w
         part = Program(prefix + "decode", w - start, f"window {w}", resident,
-                       unread_bytes=cache_bytes * (1 - w / S))
+                       unread_bytes=cache_bytes * (1 - w / S), window=w)
         _compile(part, lambda w=w: sampler.decode_program.lower(st.graphdef, st.rollout_params,
                                                         sampler.with_window(state, w)), log)
         parts.append(part)
@@ -414,6 +429,7 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     decode = _merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {S}"
                     + (f", {len(windows)} windows" if len(windows) > 1 else ""), parts)
     decode.runs *= calls  # the parts counted one call's steps
+    decode.parts, decode.cache_bytes = parts, cache_bytes
     return [prefill, decode]
 
 
@@ -514,7 +530,21 @@ def format_report(rep: dict, config: str = "") -> str:
             f"(rollout {_secs(ph['rollout'])}, scoring {_secs(ph['score'])}, updates {_secs(ph['update'])})")
     verdict = (f"{'fits' if rep['fits'] else 'DOES NOT FIT'}: peak {_gib(rep['peak_bytes_per_chip'])} of "
                f"{_gib(rep['hbm_bytes_per_chip'])} GiB per chip")
-    return "\n".join(lines + ["", legend, step, verdict])
+    return "\n".join(lines + ["", legend, step, *_lengths_line(rep), verdict])
+
+
+def _lengths_line(rep: dict) -> list[str]:
+    """The rollout on the engine under a length distribution, beside the all-max bound."""
+    u = rep.get("rollout_under_lengths")
+    if not u:
+        return []
+    allmax = rep["phase_time_roofline_s"]["rollout"]
+    return [f"rollout under {u['lengths']} lengths (mean {u['mean_tokens']:.0f} tok, {u['cut_at_max']:.1%} cut at "
+            f"the budget) on the engine ({u['slots']} slots, compaction every {u['compact_every']} steps): "
+            f"{_secs(u['rollout_roofline_s'])} ({u['rollout_roofline_s'] / allmax:.2f} x all-max "
+            f"{_secs(allmax)}), slot utilisation {u['utilisation']:.1%}, {u['decode_programs']} decode programs; "
+            f"RL step {_secs(u['step_time_roofline_s'])}; engine decode peak with the prompts' cache "
+            f"{_gib(u['engine_decode_peak_bytes_per_chip'])} GiB"]
 
 
 def _host_is_cpu() -> None:
@@ -530,14 +560,16 @@ def main(args) -> int:
     """``realjax compile``: exit 0 when every program fits the chip's HBM, 1 when one does not, 2 on errors."""
     from realjax.cli import CliError
     from realjax.commands import demo_config_path
+    from realjax.bench_rollout import oracle_lengths
     from realjax.config import ConfigError, load_config
 
     _host_is_cpu()
     try:
         cfg = load_config(args.config or demo_config_path(), args.overrides)
         parse_topology(args.topology)
+        oracle_lengths(args.lengths, 1, 1)  # an unknown name fails now, not after minutes of compiling
         t0 = time.perf_counter()
-        rep = compile_report(cfg, args.topology, log=lambda message: print(
+        rep = compile_report(cfg, args.topology, lengths=args.lengths, log=lambda message: print(
             f"realjax compile: {time.perf_counter() - t0:5.0f} s {message}", file=sys.stderr, flush=True))
     except (ConfigError, TpuUnavailable, ValueError) as e:
         raise CliError(str(e).splitlines()[0]) from None

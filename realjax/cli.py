@@ -102,6 +102,8 @@ def _add_compile(sub):
                                        "FLOPs, fits or not (exit 0 fits, 1 does not, 2 error)")
     p.add_argument("--config", help="YAML experiment file (default: the demo)")
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v5p-32, v4-8, v5e-16, v6e-8")
+    p.add_argument("--lengths", default="r1-distill", help="also price the rollout on the engine under these "
+                                                           "response lengths: r1-distill | all-max | uniform")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for train")
     p.set_defaults(func=_lazy("main", "realjax.aot"))
