@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from realjax.bench_rollout import oracle_lengths
 from realjax.sampling.schedule import simulate
+from realjax.tools.bench.rollout import oracle_lengths
 
 
 def rollout_under_lengths(name: str, *, prefill, decode, chip, rows: int, calls: int, prompts: int, prompt: int,
                           new: int, slots: int, multiple: int, compact_every: int, window_tokens: int,
                           seed: int = 0) -> dict:
     """Price one RL step's rollout (``calls`` sampler calls of ``rows`` rows) on the engine under the
-    named length distribution. ``prefill``, ``decode``: the compiled ``realjax.aot.Program``s, the decode
+    named length distribution. ``prefill``, ``decode``: the compiled ``realjax.tools.aot.compile.Program``s, the decode
     carrying its per-window parts and its KV-cache bytes per chip."""
     S = prompt + new
     by_window = {p.window: p for p in decode.parts}

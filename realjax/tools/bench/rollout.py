@@ -17,7 +17,7 @@ row-step); KV-cache bytes attention read vs the minimum (each live row reads its
 once per step); and the engine's ratios to the static sampler. Targets (ISSUE 16; documented, never
 asserted): with ``r1-distill``, utilisation >= 85%, >= 1.6x faster, KV bytes <= 1.3x the minimum;
 with ``--slots`` = rows / 4, utilisation >= 80%. ``--vllm-python PATH`` adds vLLM on the same weights,
-prompts and lengths (``realjax.bench_vllm``): its useful tokens/s and the engine's ratio to it (target
+prompts and lengths (``realjax.tools.bench.vllm``): its useful tokens/s and the engine's ratio to it (target
 >= 1.0x).
 """
 
@@ -25,10 +25,15 @@ from __future__ import annotations
 
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from realjax.bench_timing import interleaved, median
-from realjax.bench_vllm import run_vllm
+from realjax.models import init_model
+from realjax.sampling import Engine, Sampler, SamplingConfig, decode_windows
+from realjax.tools.bench.timing import interleaved, median
+from realjax.tools.bench.vllm import run_vllm
 
 LENGTHS = ("r1-distill", "all-max", "uniform")
 
@@ -65,13 +70,6 @@ def minimum_slots_read(lengths: np.ndarray, prompt: int) -> int:
 def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, lengths: str, slots: int,
                   compact_every: int, window_tokens: int, temperature: float, repeats: int, seed: int = 0,
                   vllm_python: str | None = None) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from realjax.models import init_model
-    from realjax.sampling import Engine, Sampler, SamplingConfig, decode_windows
-
     if rows % group_size:
         raise ValueError(f"rows ({rows}) must be a multiple of group_size ({group_size})")
     model = init_model(cfg, seed=0)

@@ -2,7 +2,7 @@
 
 The same weights (exported as an HF directory), the same prompt ids and the same per-row lengths run
 through vLLM's continuous-batching engine in a subprocess of vLLM's own interpreter
-(``realjax/vllm_runner.py``; request and result are JSON files). vLLM runs after realjax's timed
+(``realjax/tools/bench/vllm_runner.py``; request and result are JSON files). vLLM runs after realjax's timed
 rounds, never beside them (two engines on the same cores would time each other's load).
 
 Setting vLLM up (CPU; its torch matches ours): ``python3 -m venv /tmp/vllmvenv && /tmp/vllmvenv/bin/pip
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from realjax.models import save_pretrained
+
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 
 
@@ -32,8 +34,6 @@ def run_vllm(python: str, model, prompts_PT: np.ndarray, lengths_B: np.ndarray, 
     """Sample ``lengths_B[b]`` tokens for each row b = p * group_size + r from prompt p with vLLM (run by
     the interpreter ``python``) on ``model``'s weights. Returns ``vllm_version``, ``vllm_startup_s``,
     ``vllm_s`` (median of the timed calls) and ``vllm_tok_s`` (useful tokens per second)."""
-    from realjax.models import save_pretrained
-
     lengths = [int(n) for n in lengths_B]
     prompts = [[int(t) for t in row] for row in np.repeat(np.asarray(prompts_PT), group_size, axis=0)]
     with tempfile.TemporaryDirectory(prefix="realjax-vllm-") as d:

@@ -23,9 +23,8 @@ import time
 
 
 def run(request: dict) -> dict:
+    import vllm  # here, not at the top: the module's docstring and protocol read without vLLM installed
     from vllm import LLM, SamplingParams
-
-    import vllm
 
     t0 = time.perf_counter()
     llm = LLM(model=request["model"], skip_tokenizer_init=True, dtype="float32", seed=request["seed"],
