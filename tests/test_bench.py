@@ -187,7 +187,7 @@ def _fake_vllm_python(tmp_path):
 
 
 def test_vllm_baseline_must_do_the_same_work(tmp_path, monkeypatch):
-    from realjax.tools.bench.vllm import VllmFailed, run_vllm
+    from realjax.tools.bench.vllm_baseline import VllmFailed, run_vllm
     from realjax.models import init_model
 
     model = init_model(bench.preset_config("tiny", layers=1), seed=0)

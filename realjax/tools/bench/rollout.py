@@ -17,7 +17,7 @@ row-step); KV-cache bytes attention read vs the minimum (each live row reads its
 once per step); and the engine's ratios to the static sampler. Targets (ISSUE 16; documented, never
 asserted): with ``r1-distill``, utilisation >= 85%, >= 1.6x faster, KV bytes <= 1.3x the minimum;
 with ``--slots`` = rows / 4, utilisation >= 80%. ``--vllm-python PATH`` adds vLLM on the same weights,
-prompts and lengths (``realjax.tools.bench.vllm``): its useful tokens/s and the engine's ratio to it (target
+prompts and lengths (``realjax.tools.bench.vllm_baseline``): its useful tokens/s and the engine's ratio to it (target
 >= 1.0x).
 """
 
@@ -33,7 +33,7 @@ from flax import nnx
 from realjax.models import init_model
 from realjax.sampling import Engine, Sampler, SamplingConfig, decode_windows
 from realjax.tools.bench.timing import interleaved, median
-from realjax.tools.bench.vllm import run_vllm
+from realjax.tools.bench.vllm_baseline import run_vllm
 
 LENGTHS = ("r1-distill", "all-max", "uniform")
 

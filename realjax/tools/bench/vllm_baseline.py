@@ -46,8 +46,10 @@ def run_vllm(python: str, model, prompts_PT: np.ndarray, lengths_B: np.ndarray, 
         env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}
         proc = subprocess.run([python, str(RUNNER), str(Path(d) / "request.json"), str(Path(d) / "result.json")],
                               capture_output=True, text=True, timeout=timeout_s, env=env)
-        if proc.returncode != 0:
-            raise VllmFailed(f"{python} {RUNNER.name} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+        if proc.returncode != 0:  # vLLM logs a lot: its last error line first, then the tail
+            errors = [line for line in proc.stderr.splitlines() if "Error" in line]
+            raise VllmFailed(f"{python} {RUNNER.name} exited {proc.returncode}: {errors[-1] if errors else ''}\n"
+                             f"{proc.stderr[-2000:]}")
         try:
             result = json.loads((Path(d) / "result.json").read_text())
         except (OSError, ValueError) as e:
