@@ -185,18 +185,24 @@ def test_rollout_under_lengths_prices_the_engine_schedule():
     parts = [aot.Program("decode", 6, "", 0, memory={"argument": cache}, window=w) for w in (10, 16)]
     decode = aot.Program("decode", 12, "", 0, memory={"argument": cache}, parts=parts, cache_bytes=cache)
     prefill = aot.Program("prefill", 1, "", 0, memory={"argument": 1})
-    kw = dict(prefill=prefill, decode=decode, chip=chip, rows=rows, calls=1, prompts=2, prompt=prompt, new=new,
+    kw = dict(prefill=prefill, decode=decode, chip=chip, prompts=2, prompt=prompt, new=new,
               multiple=2, compact_every=3, window_tokens=6)
     for name, slots in [("r1-distill", 0), ("uniform", 0), ("uniform", 4), ("all-max", 0)]:
-        u = rollout_under_lengths(name, slots=slots, **kw)
+        u = rollout_under_lengths(name, rows=rows, calls=1, slots=slots, **kw)
         chunks = simulate(bench_rollout.oracle_lengths(name, rows, new), prompt=prompt, new=new, slots=slots,
                           multiple=2, compact_every=3, window_tokens=6)
         slot_steps = sum(b * w * s for b, w, s in chunks)
         assert u["decode_s"] == pytest.approx(cache * slot_steps / (rows * (prompt + new)) / chip.hbm_bandwidth)
         assert u["row_steps"] == rows + sum(b * s for b, _, s in chunks)
     assert u["utilisation"] > 0.9 and u["useful_tokens"] == rows * new  # all-max: every slot busy
+    # Two calls' rows through the compiled call's slots in one call: the same price per slot-step.
+    two = rollout_under_lengths("r1-distill", rows=2 * rows, calls=1, slots=rows, compiled_rows=rows, **kw)
+    chunks = simulate(bench_rollout.oracle_lengths("r1-distill", 2 * rows, new), prompt=prompt, new=new, slots=rows,
+                      multiple=2, compact_every=3, window_tokens=6)
+    slot_steps = sum(b * w * s for b, w, s in chunks)
+    assert two["decode_s"] == pytest.approx(cache * slot_steps / (rows * (prompt + new)) / chip.hbm_bandwidth)
     with pytest.raises(ValueError, match="unknown length"):
-        rollout_under_lengths("zipf", slots=0, **kw)
+        rollout_under_lengths("zipf", rows=rows, calls=1, slots=0, **kw)
 
 
 @needs_libtpu

@@ -35,6 +35,7 @@ overstates decoding several times.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -237,14 +238,21 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
     programs.append(update)
     rep = _summarise(cfg, topo, mesh, mcfg, source, programs, b)
     if programs[1].parts and not programs[1].error:  # the training decode compiled
-        under = rollout_under_lengths(
-            lengths, prefill=programs[0], decode=programs[1], chip=topo.chip, rows=per_call * R,
-            calls=r.prompts_per_step // per_call, prompts=per_call, prompt=tp, new=N, slots=r.slots,
-            multiple=shd.batch_rows_multiple(mesh, shd.ROLLOUT_RULES), compact_every=r.compact_every,
-            window_tokens=plan.sampling.window_tokens)
-        under["step_time_roofline_s"] = (rep["step_time_roofline_s"] - rep["phase_time_roofline_s"]["rollout"]
-                                         + under["rollout_roofline_s"])
-        rep["rollout_under_lengths"] = under
+        calls, rows = r.prompts_per_step // per_call, per_call * R
+        price = functools.partial(
+            rollout_under_lengths, lengths, prefill=programs[0], decode=programs[1], chip=topo.chip, prompt=tp,
+            new=N, multiple=shd.batch_rows_multiple(mesh, shd.ROLLOUT_RULES), compact_every=r.compact_every,
+            window_tokens=plan.sampling.window_tokens, compiled_rows=rows)
+        # As configured; and the step's rows in one call through the same slots (refill across the calls:
+        # the longest rows' tail is paid once, not once per call).
+        scenarios = {"rollout_under_lengths": price(rows=rows, calls=calls, prompts=per_call, slots=r.slots)}
+        if calls > 1:
+            scenarios["rollout_under_lengths_one_call"] = price(rows=rows * calls, calls=1, prompts=r.prompts_per_step,
+                                                                slots=min(r.slots or rows, rows))
+        for key, under in scenarios.items():
+            under["step_time_roofline_s"] = (rep["step_time_roofline_s"] - rep["phase_time_roofline_s"]["rollout"]
+                                             + under["rollout_roofline_s"])
+            rep[key] = under
     return rep
 
 

@@ -25,17 +25,18 @@ from realjax.tools.bench.rollout import oracle_lengths
 
 def rollout_under_lengths(name: str, *, prefill, decode, chip, rows: int, calls: int, prompts: int, prompt: int,
                           new: int, slots: int, multiple: int, compact_every: int, window_tokens: int,
-                          seed: int = 0) -> dict:
-    """Price one RL step's rollout (``calls`` sampler calls of ``rows`` rows) on the engine under the
-    named length distribution. ``prefill``, ``decode``: the compiled ``realjax.tools.aot.compile.Program``s, the decode
+                          compiled_rows: int = 0, seed: int = 0) -> dict:
+    """Price one RL step's rollout (``calls`` sampler calls of ``rows`` rows, ``prompts`` prompts each) on
+    the engine under the named length distribution. ``prefill``, ``decode``: the compiled
+    ``realjax.tools.aot.compile.Program``s of a call of ``compiled_rows`` rows (0 = ``rows``), the decode
     carrying its per-window parts and its KV-cache bytes per chip."""
-    S = prompt + new
+    S, compiled_rows = prompt + new, compiled_rows or rows
     by_window = {p.window: p for p in decode.parts}
     weights = decode.parts[-1].memory["argument"] - decode.cache_bytes  # all but the cache, per chip
 
     def step_s(bucket: int, window: int) -> float:
         part = by_window[window]
-        share = bucket / rows  # buckets split over the chips as the static batch does
+        share = bucket / compiled_rows  # buckets split over the chips as the static batch does
         read = weights + decode.cache_bytes * share * window / S
         return max(part.flops * share / chip.peak_flops, read / chip.hbm_bandwidth)
 
@@ -48,9 +49,9 @@ def rollout_under_lengths(name: str, *, prefill, decode, chip, rows: int, calls:
         row_steps += rows + sum(b * steps for b, _, steps in chunks)  # + each row's first token, at prefill
         programs.update((b, w) for b, w, _ in chunks)
     prefill_s = prefill.runs * max(prefill.flops / chip.peak_flops, prefill.read_bytes / chip.hbm_bandwidth)
-    prompts_cache = decode.cache_bytes * prompts * prompt / (rows * S)
+    prompts_cache = decode.cache_bytes * prompts * prompt / (compiled_rows * S)
     return {"lengths": name, "mean_tokens": float(lengths.mean()), "cut_at_max": float(np.mean(lengths == new)),
-            "slots": slots or rows, "compact_every": compact_every, "useful_tokens": int(lengths.sum()),
+            "calls": calls, "rows_per_call": rows, "slots": slots or rows, "compact_every": compact_every, "useful_tokens": int(lengths.sum()),
             "row_steps": row_steps, "utilisation": float(lengths.sum() / row_steps),
             "decode_programs": len(programs), "decode_s": decode_s, "prefill_s": prefill_s,
             "rollout_roofline_s": prefill_s + decode_s,

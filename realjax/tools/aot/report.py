@@ -57,15 +57,16 @@ def format_report(rep: dict, config: str = "") -> str:
 
 def _lengths_line(rep: dict) -> list[str]:
     """The rollout on the engine under a length distribution, beside the all-max bound."""
-    u = rep.get("rollout_under_lengths")
-    if not u:
-        return []
-    allmax = rep["phase_time_roofline_s"]["rollout"]
-    return [f"rollout under {u['lengths']} lengths (mean {u['mean_tokens']:.0f} tok, {u['cut_at_max']:.1%} cut at "
-            f"the budget) on the engine ({u['slots']} slots, compaction every {u['compact_every']} steps): "
-            f"{_secs(u['rollout_roofline_s'])} ({u['rollout_roofline_s'] / allmax:.2f} x all-max "
-            f"{_secs(allmax)}), slot utilisation {u['utilisation']:.1%}, {u['decode_programs']} decode programs; "
-            f"RL step {_secs(u['step_time_roofline_s'])}; engine decode peak with the prompts' cache "
-            f"{_gib(u['engine_decode_peak_bytes_per_chip'])} GiB"]
-
-
+    allmax, lines = rep["phase_time_roofline_s"]["rollout"], []
+    for key in ("rollout_under_lengths", "rollout_under_lengths_one_call"):
+        u = rep.get(key)
+        if not u:
+            continue
+        lines.append(
+            f"rollout under {u['lengths']} lengths (mean {u['mean_tokens']:.0f} tok, {u['cut_at_max']:.1%} cut at the "
+            f"budget) on the engine, {u['calls']} call(s) of {u['rows_per_call']} rows in {u['slots']} slots: "
+            f"{_secs(u['rollout_roofline_s'])} ({u['rollout_roofline_s'] / allmax:.2f} x all-max {_secs(allmax)}), "
+            f"slot utilisation {u['utilisation']:.1%}, {u['decode_programs']} decode programs; RL step "
+            f"{_secs(u['step_time_roofline_s'])}; decode peak with the prompts' cache "
+            f"{_gib(u['engine_decode_peak_bytes_per_chip'])} GiB")
+    return lines
