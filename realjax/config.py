@@ -71,6 +71,12 @@ class LossSection:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dict(self.values)}
 
+    def __getattr__(self, key: str) -> Any:
+        """``cfg.loss.tau``: the set value of any objective's hyper-parameter (None when unset)."""
+        if key.startswith("_") or key not in hparam_types():
+            raise AttributeError(key)
+        return dict(self.values).get(key)
+
 
 def _loss_section(data: Any, prefix: str) -> LossSection:
     if not isinstance(data, dict):

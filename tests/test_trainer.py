@@ -222,7 +222,7 @@ def test_demo_config_is_shipped_and_runs_from_any_directory(tmp_path, monkeypatc
     from realjax.rl.setup import model_path
 
     assert (model_path(cfg) / "model.safetensors").exists()
-    assert cfg.loss.name == "real" and cfg.loss.hparams()["tau"] == 0.5
+    assert cfg.loss.name == "real" and cfg.loss.tau == 0.5
 
 
 @pytest.mark.slow
