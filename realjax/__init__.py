@@ -8,6 +8,7 @@ Axis-letter legend, used in every einsum, shape comment and shape-suffixed local
     V vocabulary           L layers
     P prompt groups        R rollouts per prompt (the paper's G; ``B = P * R`` in the losses)
     Q prompt tokens        A response (answer) tokens  M micro-batches or scoring chunks (``[M, B, ...]``)
+    Z packed sequences     C tokens of a packed sequence (``realjax.rl.packing``)
 """
 
 __version__ = "0.1.0"

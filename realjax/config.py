@@ -34,6 +34,9 @@ class ModelSection:
     dtype: str = "auto"  # compute dtype: auto = fp32 on CPU, bf16 on GPU/TPU
     remat: str = "none"  # none | full | dots: recompute blocks in the backward pass
     logprob_chunk_tokens: int = 4096  # tokens per chunk of vocab logits (memory vs speed)
+    # The learner's attention (realjax.models.attention): auto (splash on TPU, cuDNN on GPU in bf16, else
+    # XLA) | xla | cudnn | splash. Decode always runs the XLA back end.
+    attention: str = "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +125,9 @@ class OptimSection:
     warmup_steps: int = 0
     mini_batches: int = 4  # optimizer updates per rollout batch (the paper: 128 / 32 = 4)
     micro_batches: int = 1  # gradient accumulation chunks per mini-batch (memory)
+    # Packed rollouts (realjax.rl.packing): a micro-batch's rows run end to end in sequences of one padded
+    # row's length, about this many tokens in all (more when the rows need it); 0 = padded rows.
+    tokens_per_micro_batch: int = 0
     max_bad_steps: int = 3  # abort after this many non-finite updates in a row
 
 
@@ -308,7 +314,7 @@ def validate(cfg: Config) -> None:
                 "rollout.top_k": (r.top_k, 0), "eval.top_k": (e.top_k, 0), "rollout.prompts_per_call": (r.prompts_per_call, 0),
                 "eval.prompts_per_call": (e.prompts_per_call, 0), "eval.max_new_tokens": (e.max_new_tokens, 0),
                 "optim.warmup_steps": (o.warmup_steps, 0), "data.eval_limit": (cfg.data.eval_limit, 0),
-                "rollout.slots": (r.slots, 0)}
+                "rollout.slots": (r.slots, 0), "optim.tokens_per_micro_batch": (o.tokens_per_micro_batch, 0)}
     for key, (value, low) in at_least.items():
         if value < low:
             why = " (every objective compares the rollouts of a group)" if key == "rollout.group_size" else ""
@@ -344,6 +350,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: unknown dtype {value!r} (float32, bfloat16{', auto' if key == 'model.dtype' else ''})") from None
     if cfg.model.remat not in ("none", "full", "dots"):
         raise ConfigError(f"model.remat must be none, full or dots, got {cfg.model.remat!r}")
+    if cfg.model.attention not in ("auto", "xla", "cudnn", "splash"):
+        raise ConfigError(f"model.attention must be auto, xla, cudnn or splash, got {cfg.model.attention!r}")
+    row = cfg.data.max_prompt_tokens + r.max_new_tokens - 1
+    if 0 < o.tokens_per_micro_batch < row:
+        raise ConfigError(f"optim.tokens_per_micro_batch={o.tokens_per_micro_batch} is less than one packed sequence: "
+                          f"data.max_prompt_tokens + rollout.max_new_tokens - 1 = {row} tokens")
     if not cfg.data.train:
         raise ConfigError("data.train is not set (a data spec: file, directory, hub name or synthetic:...)")
 

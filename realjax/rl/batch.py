@@ -23,7 +23,8 @@ class UpdateBatch:
     ``old_logp_BA`` holds the log-probs the loss uses as the old policy (the sampler's, or a recomputation);
     ``ref_logp_BA`` is set only for objectives with a reference-KL term; ``sampler_logp_BA`` (what the
     sampler reported, the behaviour policy) only with a mismatch correction (``rollout.is_correction``),
-    beside the recomputed ``old_logp_BA``.
+    beside the recomputed ``old_logp_BA``. ``packing`` (``realjax.rl.packing``) runs the rows packed end to
+    end; it indexes the rows of one cut, so it is set after :meth:`cut`.
     """
 
     prompt_ids_BQ: Any  # int32
@@ -35,6 +36,7 @@ class UpdateBatch:
     rewards_B: Any  # float32
     ref_logp_BA: Any = None  # float32 or None
     sampler_logp_BA: Any = None  # float32 or None
+    packing: Any = None  # realjax.rl.packing.Packing of the rows (set after the cut), or None: padded rows
 
     @property
     def rows(self) -> int:
