@@ -505,6 +505,13 @@ def main(args) -> int:
             res = bench_sampler(model_config(args.preset, layers=args.layers), batch=args.batch, prompt=args.prompt,
                                 new=args.new, repeats=args.repeats, baseline=not args.no_baseline,
                                 bandwidth_mb=args.bandwidth_mb)
+        elif args.bench == "update" and args.lengths:
+            from realjax.bench_packing import bench_packed_update
+
+            res = bench_packed_update(model_config(args.preset, layers=args.layers), rows=args.rows,
+                                      prompt=args.prompt, response=args.response, group_size=args.group_size,
+                                      lengths=args.lengths, repeats=args.repeats,
+                                      tokens_per_micro_batch=args.tokens_per_micro_batch)
         elif args.bench == "update":
             res = bench_update(model_config(args.preset, layers=args.layers), rows=args.rows, prompt=args.prompt,
                                response=args.response, group_size=args.group_size, repeats=args.repeats,

@@ -60,7 +60,7 @@ def test_backends_match_reference_under_segments(name):
     assert np.isfinite(np.asarray(out)).all()  # padding queries see padding: never a fully masked row
 
 
-@pytest.mark.parametrize("name", ["cudnn", "splash"])
+@pytest.mark.parametrize("name", ["cudnn", pytest.param("splash", marks=pytest.mark.slow)])
 def test_backend_gradients_match_xla(name):
     q, k, v = _qkv(seed=1)
     seg = _segments()

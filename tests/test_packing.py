@@ -2,6 +2,8 @@
 ones, on one device and on the 8-device CPU mesh, whatever the rows' lengths."""
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ from realjax.rl.packing import PackingError, pack, pack_batch, packed_tokens, se
 from realjax.rl.update import make_update_step, policy_logprobs
 
 R, Q, A = 4, 5, 7
+DEMO = Path(__file__).resolve().parents[1] / "realjax" / "configs" / "demo.yaml"
 C = Q + A - 1  # a packed sequence holds one full row
 
 
@@ -77,12 +80,13 @@ def test_plan_places_every_real_token_once():
 
 
 def test_sequence_counts_come_from_a_bounded_set():
-    assert sequence_buckets(64, 100, 1000, 1) == (10, 20, 40, 64)
-    assert sequence_buckets(64, 100, 1000, 8) == (16, 32, 64)
+    assert sequence_buckets(64, 100, 1000, 1) == (10, 13, 17, 22, 28, 35, 44, 55, 64)  # up a quarter at a time
+    assert sequence_buckets(64, 100, 1000, 8) == (16, 24, 32, 40, 56, 64)  # multiples of the devices
+    assert len(sequence_buckets(4096, 100, 1000, 1)) < 30
     assert sequence_buckets(8, 100, 10, 8) == (8,)
     b = _ragged().cut(2)
     packed = pack_batch(b, tokens_per_micro_batch=3 * C, multiple=1)
-    assert packed.packing.src_ZC.shape[:1] == (2,) and packed.packing.src_ZC.shape[1] in (3, 6, 8)
+    assert packed.packing.src_ZC.shape[:1] == (2,) and packed.packing.src_ZC.shape[1] in (3, 4, 5, 7, 8)
 
 
 def _logprobs(batch, mesh=None, backend=Backend()):
@@ -102,7 +106,7 @@ def _with(backend, f):
         return f()
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("devices", [8, pytest.param(1, marks=pytest.mark.slow)])
 def test_packed_logprobs_equal_padded(devices):
     mesh = shd.make_mesh(None, jax.devices()[:devices]) if devices > 1 else None
     b = _ragged()
@@ -119,6 +123,7 @@ def test_packed_logprobs_equal_padded(devices):
     assert (logp[~m] == 0).all()
 
 
+@pytest.mark.slow
 def test_packed_logprobs_equal_padded_on_splash():
     """The splash back end (Pallas interpret mode on a CPU) on the packed sequences."""
     b = _ragged()
@@ -143,7 +148,8 @@ def _update(batch, *, micro, packed_budget=0, mesh=None, name="real"):
     return jax.tree.map(np.asarray, state.params), {k: float(m.value) for k, m in metrics.items()}
 
 
-@pytest.mark.parametrize("devices,micro,name", [(1, 2, "real"), (8, 1, "real"), (1, 1, "grpo")])
+@pytest.mark.parametrize("devices,micro,name", [(8, 1, "real"), pytest.param(1, 2, "real", marks=pytest.mark.slow),
+                                                 pytest.param(1, 1, "grpo", marks=pytest.mark.slow)])
 def test_packed_update_equals_padded(devices, micro, name):
     """One update's parameters and metrics, padded vs packed (micro-batches share one packed shape)."""
     mesh = shd.make_mesh(None, jax.devices()[:devices]) if devices > 1 else None
@@ -157,3 +163,54 @@ def test_packed_update_equals_padded(devices, micro, name):
         np.testing.assert_allclose(g, a, rtol=1e-4, atol=2e-6)
     for key in ("loss", "entropy", "grad_norm", "valid_groups"):
         np.testing.assert_allclose(m_got[key], m_want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install 'realjax[tpu]')")
+def test_packed_update_with_splash_lowers_for_tpu(tmp_path):
+    """`realjax compile` of a one-layer model with packing and splash attention for v5p-8: the scoring-free
+    update (packed into 8 sequences of 31 tokens, a multiple of the 4 fsdp devices) compiles and fits."""
+    import contextlib
+    import io
+    import json
+
+    from realjax.cli import main as cli_main
+    from realjax.rl.components import DEMO_ASSET
+
+    arch = json.loads((DEMO_ASSET / "config.json").read_text())
+    arch.update(num_hidden_layers=1, hidden_size=64, intermediate_size=128, head_dim=128)
+    (tmp_path / "config.json").write_text(json.dumps(arch))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli_main(["compile", "--topology", "v5p-8", "--json", f"model.path={tmp_path}", "model.attention=splash",
+                       "optim.tokens_per_micro_batch=248", "rollout.max_new_tokens=16", "rollout.prompts_per_step=8",
+                       "rollout.prompts_per_call=4", "data.max_prompt_tokens=16", "data.eval="])
+    rep = json.loads(out.getvalue())
+    update = rep["programs"]["update"]
+    assert rc == 0 and update["fits"] and not update["error"], update
+    assert "packed into 8 x 31" in update["shape"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.tokens_per_micro_batch=-1", "optim.tokens_per_micro_batch must be >= 0"),
+    ("optim.tokens_per_micro_batch=100", "is less than one packed sequence"),
+    ("model.attention=flash", "model.attention must be auto, xla, cudnn or splash"),
+])
+def test_bad_packing_and_attention_settings_fail_at_load(override, message):
+    from realjax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, override.split())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.tokens_per_micro_batch=10000000", "holds the 64 rows of a micro-batch padded"),
+    ("model.attention=splash", "model.attention: attention back end splash needs a TPU"),
+])
+def test_the_plan_checks_packing_and_attention_against_the_run(override, message):
+    from realjax.config import ConfigError, load_config
+    from realjax.rl.plan import make_plan
+
+    cfg = load_config(DEMO, override.split())
+    graphdef, params = _split()
+    with pytest.raises(ConfigError, match=message):
+        make_plan(cfg, shd.make_mesh(None), compute_dtype="float32", abstract_params=params, stop_ids=(0,))

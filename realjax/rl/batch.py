@@ -57,21 +57,31 @@ class UpdateBatch:
 
     @classmethod
     def spec(cls, lead: tuple[int, ...], prompt_len: int, response_len: int, *, with_ref: bool,
-             sharding=None, with_sampler: bool = False) -> "UpdateBatch":
+             sharding=None, with_sampler: bool = False, packed_sequences: int = 0) -> "UpdateBatch":
         """The abstract batch (``jax.ShapeDtypeStruct`` leaves) with leading dims ``lead``; ``sharding``
-        maps a shape to the leaf's sharding (AOT compiles)."""
+        maps a shape to the leaf's sharding (AOT compiles); ``packed_sequences``: the rows packed into that
+        many sequences of ``prompt_len + response_len - 1`` tokens (0: padded rows)."""
         import jax.numpy as jnp
+
+        from realjax.rl.packing import Packing
 
         def leaf(tail, dtype):
             shape = tuple(lead) + tail
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(shape) if sharding else None)
+
+        def packed_leaf(zc):  # [lead[:-1], Z, C]: the sequences take the rows' place (and sharding)
+            shape = tuple(lead[:-1]) + zc
+            return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding(shape) if sharding else None)
 
         q, a = (prompt_len,), (response_len,)
         return cls(prompt_ids_BQ=leaf(q, jnp.int32), prompt_mask_BQ=leaf(q, jnp.int32), tokens_BA=leaf(a, jnp.int32),
                    resp_mask_BA=leaf(a, jnp.float32), row_mask_B=leaf((), jnp.float32),
                    old_logp_BA=leaf(a, jnp.float32), rewards_B=leaf((), jnp.float32),
                    ref_logp_BA=leaf(a, jnp.float32) if with_ref else None,
-                   sampler_logp_BA=leaf(a, jnp.float32) if with_sampler else None)
+                   sampler_logp_BA=leaf(a, jnp.float32) if with_sampler else None,
+                   packing=None if not packed_sequences else Packing(*(
+                       packed_leaf((packed_sequences, prompt_len + response_len - 1)) for _ in range(3)),
+                       dst_BA=leaf(a, jnp.int32)))
 
 
 @jax.tree_util.register_dataclass

@@ -20,7 +20,7 @@ from realjax.config import Config, ConfigError
 from realjax.losses import get_terms
 from realjax.models.attention import AttentionError, Backend, resolve_backend
 from realjax.rl.batch import TrainState, UpdateBatch
-from realjax.rl.packing import pack_batch
+from realjax.rl.packing import pack_batch, sequence_buckets
 from realjax.rl.update import make_optimizer, make_scoring_fn, make_update_step
 from realjax.sampling import SamplingConfig
 
@@ -60,6 +60,14 @@ class RunPlan:
     def _learner_kw(self) -> dict:
         return dict(temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.model.logprob_chunk_tokens,
                     attention=self.attention)
+
+    def packed_sequences(self, rows: int, seq_len: int) -> int:
+        """The budget's packed sequence count for ``rows`` rows of ``seq_len`` input tokens (the shape
+        ``realjax compile`` models); 0 without packing."""
+        budget = self.cfg.optim.tokens_per_micro_batch
+        if not budget:
+            return 0
+        return sequence_buckets(rows, seq_len, budget, shd.batch_rows_multiple(self.mesh, shd.TRAIN_RULES))[0]
 
     def pack(self, batch: UpdateBatch) -> UpdateBatch:
         """A cut host batch ``[M, rows, ...]`` with its packing (``optim.tokens_per_micro_batch``), or as is."""
