@@ -214,3 +214,21 @@ def test_the_plan_checks_packing_and_attention_against_the_run(override, message
     graphdef, params = _split()
     with pytest.raises(ConfigError, match=message):
         make_plan(cfg, shd.make_mesh(None), compute_dtype="float32", abstract_params=params, stop_ids=(0,))
+
+
+@pytest.mark.slow
+def test_packed_update_bench(capsys):
+    """`realjax bench update --lengths`: runs end to end at a tiny size, both programs give the same loss."""
+    import json
+    import math
+
+    from realjax import cli
+
+    rc = cli.main(["bench", "update", "--preset", "tiny", "--layers", "1", "--repeats", "1", "--rows", "8",
+                   "--prompt", "6", "--response", "24", "--group-size", "2", "--lengths", "r1-distill", "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0
+    for k in ("padded_real_tok_s", "packed_real_tok_s", "ratio", "real_flops", "bound_step_s", "packed_flops"):
+        assert math.isfinite(res[k]) and res[k] > 0, k
+    assert res["packed_sequences"] < 8 and res["real_tokens"] < res["padded_tokens"]
+    assert res["loss_packed"] == pytest.approx(res["loss_padded"], rel=1e-4)
