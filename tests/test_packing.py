@@ -174,7 +174,7 @@ def test_packed_update_with_splash_lowers_for_tpu(tmp_path):
     import json
 
     from realjax.cli import main as cli_main
-    from realjax.rl.components import DEMO_ASSET
+    from realjax.rl.setup import DEMO_ASSET
 
     arch = json.loads((DEMO_ASSET / "config.json").read_text())
     arch.update(num_hidden_layers=1, hidden_size=64, intermediate_size=128, head_dim=128)
@@ -193,7 +193,7 @@ def test_packed_update_with_splash_lowers_for_tpu(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("optim.tokens_per_micro_batch=-1", "optim.tokens_per_micro_batch must be >= 0"),
     ("optim.tokens_per_micro_batch=100", "is less than one packed sequence"),
-    ("model.attention=flash", "model.attention must be auto, xla, cudnn or splash"),
+    ("model.attention=flash", "model.attention: unknown attention back end 'flash'"),
 ])
 def test_bad_packing_and_attention_settings_fail_at_load(override, message):
     from realjax.config import ConfigError, load_config

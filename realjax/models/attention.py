@@ -37,6 +37,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import Mesh, PartitionSpec
 
 BACKENDS = ("xla", "cudnn", "splash")
@@ -49,10 +51,16 @@ class AttentionError(ValueError):
     """An attention back end asked for something it cannot do (a platform, a dtype, a masking rule)."""
 
 
-def resolve_backend(choice: str, platform: str, compute_dtype: str) -> str:
-    """The back end ``choice`` (one of ``CHOICES``) names on ``platform`` ("cpu", "gpu", "tpu")."""
+def check_backend(choice: str) -> str:
+    """``choice`` if it names a back end (or ``auto``); else ``AttentionError`` (``model.attention``)."""
     if choice not in CHOICES:
         raise AttentionError(f"unknown attention back end {choice!r}; choose from {', '.join(CHOICES)}")
+    return choice
+
+
+def resolve_backend(choice: str, platform: str, compute_dtype: str) -> str:
+    """The back end ``choice`` (one of ``CHOICES``) names on ``platform`` ("cpu", "gpu", "tpu")."""
+    check_backend(choice)
     half = jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if choice == "auto":
         # cuDNN's fused kernels take bf16/fp16 only: an fp32 GPU run keeps the XLA reference.
@@ -182,8 +190,6 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids, backend: Backend | Non
     kernel = _splash_kernel(Tp, N // K, block, interpret)
 
     def run(q_BKGTH, k_BKSH, v_BKSH, q_seg_BT, kv_seg_BS):
-        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-
         def one_row(q_KGTH, k_KSH, v_KSH, qs_T, ks_S):
             seg = sk.SegmentIds(q=qs_T, kv=ks_S)
             return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=seg))(q_KGTH, k_KSH, v_KSH)
@@ -205,9 +211,6 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids, backend: Backend | Non
 def _splash_kernel(T: int, G: int, block: int, interpret: bool):
     """One causal MQA splash kernel per (length, query heads per kv head, tile, mode): built once, since
     building it walks the mask on the host."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
     mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(G)])
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)

@@ -9,11 +9,29 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 FAMILIES = ("qwen2", "qwen3", "llama")
 REMAT = ("none", "full", "dots")
 _ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def check_remat(name: str) -> str:
+    if name not in REMAT:
+        raise ValueError(f"must be one of {', '.join(REMAT)}, got {name!r}")
+    return name
+
+
+def check_dtype(name: str, *, auto: bool = False) -> str:
+    """A dtype name the model takes (``auto``, resolved per backend, where ``auto`` is allowed)."""
+    if auto and name == "auto":
+        return name
+    try:
+        jnp.dtype(name)
+    except TypeError:
+        raise ValueError(f"unknown dtype {name!r} (float32, bfloat16{', auto' if auto else ''})") from None
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +81,9 @@ class ModelConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.remat not in REMAT:
-            raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
-        for name in ("param_dtype", "dtype"):
-            jnp.dtype(getattr(self, name))  # raises on a bad name
+        check_remat(self.remat)
+        check_dtype(self.param_dtype)
+        check_dtype(self.dtype)
 
     @property
     def attention_bias(self) -> bool:
@@ -230,7 +247,5 @@ def preset(name: str, **overrides) -> ModelConfig:
 def resolve_dtype(name: str) -> str:
     """``auto`` is float32 on CPU (bf16 matmuls are slow there) and bfloat16 on accelerators."""
     if name == "auto":
-        import jax
-
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return jnp.dtype(name).name

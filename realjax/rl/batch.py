@@ -10,7 +10,10 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from realjax.rl.packing import Packing
 
 
 @jax.tree_util.register_dataclass
@@ -61,10 +64,6 @@ class UpdateBatch:
         """The abstract batch (``jax.ShapeDtypeStruct`` leaves) with leading dims ``lead``; ``sharding``
         maps a shape to the leaf's sharding (AOT compiles); ``packed_sequences``: the rows packed into that
         many sequences of ``prompt_len + response_len - 1`` tokens (0: padded rows)."""
-        import jax.numpy as jnp
-
-        from realjax.rl.packing import Packing
-
         def leaf(tail, dtype):
             shape = tuple(lead) + tail
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(shape) if sharding else None)

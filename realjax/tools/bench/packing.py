@@ -1,6 +1,6 @@
 """``realjax bench update --lengths NAME``: the learner on rollouts of realistic lengths, packed vs padded.
 
-Response lengths come from the rollout bench's named distributions (``realjax.bench_rollout``: ``r1-distill``
+Response lengths come from the rollout bench's named distributions (``realjax.tools.bench.rollout``: ``r1-distill``
 is R1-Distill-1.5B's in DeepScaleR's 8k stage), prompt lengths are uniform in [prompt / 2, prompt]. The
 same update (REAL, tau 0.5, AdamW, one micro-batch) runs on the rows padded to ``prompt + response`` and
 packed (``optim.tokens_per_micro_batch``; by default the batch's own real tokens), in interleaved rounds.
@@ -14,21 +14,26 @@ and each program's fraction of it; the FLOPs each program runs; and both losses 
 
 from __future__ import annotations
 
-import contextlib
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from realjax.bench import matmul_params, matmul_probe, update_flops
-from realjax.bench_rollout import oracle_lengths
-from realjax.bench_timing import compile_seconds, interleaved, median
+from realjax import sharding as shd
+from realjax.config import Config, DataSection, LossSection, OptimSection, RolloutSection, TrainerSection
+from realjax.models import init_model
+from realjax.rl.batch import UpdateBatch
+from realjax.rl.plan import make_plan
+from realjax.tools.bench.common import matmul_params, matmul_probe, update_flops
+from realjax.tools.bench.rollout import oracle_lengths
+from realjax.tools.bench.timing import compile_seconds, interleaved, median
 
 
 def length_batch(cfg, *, rows: int, prompt: int, response: int, group_size: int, lengths: str, seed: int = 0):
     """A host ``UpdateBatch`` whose responses have oracle lengths and prompts uniform lengths in [prompt/2,
     prompt] (left-padded); every group holds a positive and a negative."""
-    from realjax.rl.batch import UpdateBatch
-
     rng = np.random.default_rng(seed)
     resp_len = oracle_lengths(lengths, rows, response, seed=seed)
     prompt_len = rng.integers(max(prompt // 2, 1), prompt + 1, rows)
@@ -64,16 +69,6 @@ def packed_flops(cfg, sequences: int, seq_len: int) -> float:
 
 def bench_packed_update(cfg, *, rows: int, prompt: int, response: int, group_size: int, lengths: str,
                         repeats: int, tokens_per_micro_batch: int = 0, lr: float = 1e-6) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from realjax import sharding as shd
-    from realjax.config import (Config, DataSection, LossSection, OptimSection, RolloutSection,
-                                TrainerSection)
-    from realjax.models import init_model
-    from realjax.rl.plan import make_plan
-
     host = length_batch(cfg, rows=rows, prompt=prompt, response=response, group_size=group_size, lengths=lengths)
     prompt_len, resp_len = host.prompt_mask_BQ.sum(1), host.resp_mask_BA.sum(1).astype(np.int64)
     C = prompt + response - 1
@@ -91,25 +86,24 @@ def bench_packed_update(cfg, *, rows: int, prompt: int, response: int, group_siz
                          abstract_params=params, stop_ids=(0,))
 
     calls, compile_s, info = {}, {}, {}
-    with contextlib.ExitStack():
-        for name, tokens in (("padded", 0), ("packed", budget)):
-            plan = plan_for(tokens)
-            step = plan.update_step(graphdef)
-            batch = jax.tree.map(jnp.asarray, plan.pack(host.cut(1)))
-            carry = [plan.init_state(jax.tree.map(jnp.copy, params))]  # each contender its own (donated) state
-            compile_s[name] = compile_seconds(step, carry[0], batch)
-            if batch.packing is not None:
-                info["sequences"] = int(batch.packing.src_ZC.shape[1])
+    for name, tokens in (("padded", 0), ("packed", budget)):
+        plan = plan_for(tokens)
+        step = plan.update_step(graphdef)
+        batch = jax.tree.map(jnp.asarray, plan.pack(host.cut(1)))
+        carry = [plan.init_state(jax.tree.map(jnp.copy, params))]  # each contender its own (donated) state
+        compile_s[name] = compile_seconds(step, carry[0], batch)
+        if batch.packing is not None:
+            info["sequences"] = int(batch.packing.src_ZC.shape[1])
 
-            def call(step=step, carry=carry, batch=batch):
-                t0 = time.perf_counter()
-                carry[0], metrics = step(carry[0], batch)
-                loss = float(jax.block_until_ready(metrics["loss"].value))
-                return {"s": time.perf_counter() - t0, "loss": loss}
+        def call(step=step, carry=carry, batch=batch):
+            t0 = time.perf_counter()
+            carry[0], metrics = step(carry[0], batch)
+            loss = float(jax.block_until_ready(metrics["loss"].value))
+            return {"s": time.perf_counter() - t0, "loss": loss}
 
-            calls[name] = call
-        calls["matmul"] = matmul_probe(int(budget), cfg.hidden_size, cfg.intermediate_size, cfg.dtype)
-        warm, rounds = interleaved(calls, repeats)
+        calls[name] = call
+    calls["matmul"] = matmul_probe(int(budget), cfg.hidden_size, cfg.intermediate_size, cfg.dtype)
+    warm, rounds = interleaved(calls, repeats)
     real_tokens = int(prompt_len.sum() + resp_len.sum())
     t_pad, t_pack = median(rounds["padded"], "s"), median(rounds["packed"], "s")
     rate = median(rounds["matmul"], "matmul_gflop_s") * 1e9
