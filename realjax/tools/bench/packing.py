@@ -77,7 +77,7 @@ def bench_packed_update(cfg, *, rows: int, prompt: int, response: int, group_siz
     graphdef, params = nnx.split(model)
 
     def plan_for(tokens):
-        run = Config(loss=LossSection(name="real", tau=0.5), trainer=TrainerSection(steps=repeats + 1),
+        run = Config(loss=LossSection(name="real", values=(("tau", 0.5),)), trainer=TrainerSection(steps=repeats + 1),
                      data=DataSection(max_prompt_tokens=prompt),
                      rollout=RolloutSection(group_size=group_size, prompts_per_step=rows // group_size,
                                             temperature=1.0, max_new_tokens=response),
