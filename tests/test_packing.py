@@ -165,7 +165,8 @@ def test_packed_update_equals_padded(devices, micro, name):
         np.testing.assert_allclose(m_got[key], m_want[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install 'realjax[tpu]')")
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install 'realjax[tpu]')")
 def test_packed_update_with_splash_lowers_for_tpu(tmp_path):
     """`realjax compile` of a one-layer model with packing and splash attention for v5p-8: the scoring-free
     update (packed into 8 sequences of 31 tokens, a multiple of the 4 fsdp devices) compiles and fits."""

@@ -214,7 +214,10 @@ def _splash_kernel(T: int, G: int, block: int, interpret: bool):
     mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(G)])
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    # The kernel holds the mask's block tables as arrays: made concrete here, else a kernel first built
+    # inside a jit would cache (and leak) that trace's tracers into every later program.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def full_attention(q_BTNH, k_BTKH, v_BTKH, key_mask_or_segments_BT):
