@@ -12,6 +12,7 @@ import jax
 
 from realjax.tools.bench.common import machine, preset_config
 from realjax.tools.bench.gpu import bench_gpu
+from realjax.tools.bench.packing import bench_packed_update
 from realjax.tools.bench.rl_step import bench_rl_step
 from realjax.tools.bench.rollout import bench_rollout
 from realjax.tools.bench.sampler import bench_sampler
@@ -47,6 +48,11 @@ def run(args) -> int:
             res = bench_sampler(preset_config(args.preset, layers=args.layers), batch=args.batch, prompt=args.prompt,
                                 new=args.new, repeats=args.repeats, baseline=not args.no_baseline,
                                 bandwidth_mb=args.bandwidth_mb)
+        elif args.bench == "update" and args.lengths:
+            res = bench_packed_update(preset_config(args.preset, layers=args.layers), rows=args.rows,
+                                      prompt=args.prompt, response=args.response, group_size=args.group_size,
+                                      lengths=args.lengths, repeats=args.repeats,
+                                      tokens_per_micro_batch=args.tokens_per_micro_batch)
         elif args.bench == "update":
             res = bench_update(preset_config(args.preset, layers=args.layers), rows=args.rows, prompt=args.prompt,
                                response=args.response, group_size=args.group_size, repeats=args.repeats,

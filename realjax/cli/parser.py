@@ -119,6 +119,10 @@ def _add_bench(sub):
     q.add_argument("--response", type=int, default=128)
     q.add_argument("--group-size", type=int, default=4)
     q.add_argument("--no-baseline", action="store_true", help="skip torch")
+    q.add_argument("--lengths", help="r1-distill | all-max | uniform: rows of these response lengths, packed vs "
+                                     "padded (realjax.tools.bench.packing) instead of full rows vs torch")
+    q.add_argument("--tokens-per-micro-batch", type=int, default=0, help="with --lengths: the packing budget "
+                                                                         "(0 = the batch's real tokens)")
     q = which.add_parser("rl-step", help="whole RL steps of a config: rollout/verifier/scoring/update/host split")
     q.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     q.add_argument("--config", help="YAML experiment file (default: the demo)")

@@ -226,14 +226,17 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
         chunks = plan.scoring_chunks
         score = Program("score", int(plan.recompute_old_logp) + int(plan.use_ref),
                         f"{chunks} x {rows // chunks} rows x {tp}+{N} tok", b["opt_state"] + b["ref_params"])
-        batch = UpdateBatch.spec((chunks, rows // chunks), tp, N, with_ref=False, sharding=plan.batch_sharding)
+        batch = UpdateBatch.spec((chunks, rows // chunks), tp, N, with_ref=False, sharding=plan.batch_sharding,
+                                 packed_sequences=plan.packed_sequences(rows // chunks, tp + N - 1))
         _compile(score, lambda: plan.scoring_fn(st.graphdef).lower(st.state.params, batch), log)
         programs.append(score)
     micro_rows = plan.rows_per_micro_batch
-    update = Program("update", o.mini_batches, f"{o.micro_batches} x {micro_rows} rows x {tp}+{N} tok",
-                     b["ref_params"])
+    packed = plan.packed_sequences(micro_rows, tp + N - 1)
+    update = Program("update", o.mini_batches, f"{o.micro_batches} x {micro_rows} rows x {tp}+{N} tok"
+                     + (f" packed into {packed} x {tp + N - 1}" if packed else ""), b["ref_params"])
     batch = UpdateBatch.spec((o.micro_batches, micro_rows), tp, N, with_ref=plan.use_ref, sharding=plan.batch_sharding,
-                             with_sampler=cfg.rollout.is_correction != "none")  # importance weights need both
+                             with_sampler=cfg.rollout.is_correction != "none",  # importance weights need both
+                             packed_sequences=packed)
     _compile(update, lambda: plan.update_step(st.graphdef).lower(st.state, batch), log)
     programs.append(update)
     rep = _summarise(cfg, topo, mesh, mcfg, source, programs, b)
