@@ -27,6 +27,27 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA policies (``realjax.models.lora``): rank 0 (the default, the paper) trains every weight."""
+
+    rank: int = 0  # r: adapter rank; > 0 freezes the base weights and trains only the adapters
+    alpha: float = 32.0  # the adapters' output is scaled by alpha / rank
+    targets: str = "q,k,v,o,gate,up,down"  # comma-separated projections that get adapters
+    dropout: float = 0.0  # on the adapters' input, in the learner only
+    base_dtype: str = ""  # storage of the frozen base weights ("" = model.param_dtype; bfloat16 halves them)
+
+    def model_config(self):
+        """The model's ``LoraConfig``, or None when off."""
+        from realjax.models.config import LoraConfig
+
+        if self.rank == 0:
+            return None
+        targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        return LoraConfig(rank=self.rank, alpha=self.alpha, targets=targets, dropout=self.dropout,
+                          base_dtype=self.base_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSection:
     path: str = "demo"  # local HF dir; "demo" is the tiny model shipped in realjax/assets/demo
     preset: str = ""  # architecture by name (realjax.models.PRESETS) for AOT compiles and benchmarks
@@ -34,6 +55,7 @@ class ModelSection:
     dtype: str = "auto"  # compute dtype: auto = fp32 on CPU, bf16 on GPU/TPU
     remat: str = "none"  # none | full | dots: recompute blocks in the backward pass
     logprob_chunk_tokens: int = 4096  # tokens per chunk of vocab logits (memory vs speed)
+    lora: LoraSection = LoraSection()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,8 +366,32 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: unknown dtype {value!r} (float32, bfloat16{', auto' if key == 'model.dtype' else ''})") from None
     if cfg.model.remat not in ("none", "full", "dots"):
         raise ConfigError(f"model.remat must be none, full or dots, got {cfg.model.remat!r}")
+    _check_lora(cfg.model.lora)
     if not cfg.data.train:
         raise ConfigError("data.train is not set (a data spec: file, directory, hub name or synthetic:...)")
+
+
+def _check_lora(lora: LoraSection) -> None:
+    from realjax.models.config import LORA_TARGETS
+
+    if lora.rank < 0:
+        raise ConfigError(f"model.lora.rank must be >= 0 (0 = off), got {lora.rank}")
+    if lora.rank == 0:
+        return
+    if not lora.alpha > 0:
+        raise ConfigError(f"model.lora.alpha must be > 0, got {lora.alpha}")
+    names = [t.strip() for t in lora.targets.split(",") if t.strip()]
+    bad = [t for t in names if t not in LORA_TARGETS]
+    if bad or not names or len(set(names)) != len(names):
+        why = f"unknown projection {bad[0]!r}" if bad else "none given" if not names else "a name repeats"
+        raise ConfigError(f"model.lora.targets: {why}; a comma-separated subset of {','.join(LORA_TARGETS)}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+    if lora.base_dtype:
+        try:
+            np.dtype(ml_dtypes.bfloat16 if lora.base_dtype == "bfloat16" else lora.base_dtype)
+        except TypeError:
+            raise ConfigError(f"model.lora.base_dtype: unknown dtype {lora.base_dtype!r} (float32, bfloat16)") from None
 
 
 def _check_is_correction(cfg: Config) -> None:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 FAMILIES = ("qwen2", "qwen3", "llama")
 REMAT = ("none", "full", "dots")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter may sit on
 _ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
@@ -24,6 +25,40 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the named projections: ``W' = W + (alpha / rank) A B`` (``realjax.models.lora``).
+
+    ``dropout`` drops the adapter path's input in the learner (never in rollouts, which read merged
+    weights); ``base_dtype`` stores the frozen base weights in another dtype than the adapters ("" = the
+    model's ``param_dtype``; bfloat16 halves them).
+    """
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = LORA_TARGETS
+    dropout: float = 0.0
+    base_dtype: str = ""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"lora rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora alpha must be > 0, got {self.alpha}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"lora targets must be distinct names among {', '.join(LORA_TARGETS)}, "
+                             f"got {', '.join(self.targets) or 'none'}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        if self.base_dtype:
+            jnp.dtype(self.base_dtype)  # raises on a bad name
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +90,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    lora: LoraConfig | None = None  # adapters (the base weights frozen); None: every weight trains
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -92,6 +128,15 @@ class ModelConfig:
         attn += 2 * H if self.qk_norm else 0
         block = attn + 3 * D * F + 2 * D
         return self.num_layers * block + V * D * (1 if self.tie_word_embeddings else 2) + D
+
+    def num_lora_params(self) -> int:
+        """Adapter parameters (``rank x (fan_in + fan_out)`` per adapted projection); 0 without LoRA."""
+        if self.lora is None:
+            return 0
+        D, N, K, H, F = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size
+        fans = {"q": D + N * H, "k": D + K * H, "v": D + K * H, "o": N * H + D, "gate": D + F, "up": D + F,
+                "down": F + D}
+        return self.num_layers * self.lora.rank * sum(fans[t] for t in self.lora.targets)
 
 
 # ----------------------------------------------------------------------------------------------------
