@@ -195,7 +195,7 @@ def model_config(cfg):
 
     m = cfg.model
     dtype = "bfloat16" if m.dtype == "auto" else m.dtype
-    kw = dict(param_dtype=m.param_dtype, dtype=dtype, remat=m.remat)
+    kw = dict(param_dtype=m.param_dtype, dtype=dtype, remat=m.remat, lora=m.lora.model_config())
     path = DEMO_ASSET if m.path == "demo" else Path(m.path).expanduser()
     if m.path and (path / "config.json").is_file():
         return load_hf_config(path, **kw), str(path)
@@ -298,7 +298,9 @@ class _State:
     plan: Any  # the run plan Trainer would build on this mesh
     state: Any  # TrainState of ShapeDtypeStructs (TRAIN_RULES)
     rollout_params: Any  # ROLLOUT_RULES
-    bytes: dict[str, int]  # per chip: params, opt_state, rollout_params (0: same buffers), ref_params
+    # per chip: params (LoRA: the adapters), opt_state, rollout_params (0: same buffers), ref_params, frozen
+    bytes: dict[str, int]
+    rollout_graphdef: Any = None  # the model rollouts run (LoRA: the plain model on merged weights)
 
 
 def _abstract_state(cfg, mcfg, mesh, stops) -> _State:
@@ -306,26 +308,32 @@ def _abstract_state(cfg, mcfg, mesh, stops) -> _State:
     import jax
 
     from realjax.models import abstract_model
+    from realjax.models.lora import split_policy
     from realjax.rl.batch import TrainState
     from realjax.rl.plan import make_plan
 
     graphdef, abstract = abstract_model(mcfg)
-    plan = make_plan(cfg, mesh, compute_dtype=mcfg.dtype, abstract_params=abstract, stop_ids=stops)
+    trained, frozen = split_policy(abstract, mcfg.lora)  # LoRA: adapters train, the base is frozen
+    plan = make_plan(cfg, mesh, compute_dtype=mcfg.dtype, abstract_params=trained, stop_ids=stops,
+                     abstract_frozen=frozen)
     sh = plan.state_shardings
-    params = _abstract(abstract, sh.params)
-    opt_state = _abstract(jax.eval_shape(plan.optimizer.init, abstract), sh.opt_state)
+    params = _abstract(trained, sh.params)
+    frozen = None if frozen is None else _abstract(frozen, sh.frozen)
+    opt_state = _abstract(jax.eval_shape(plan.optimizer.init, trained), sh.opt_state)
     # Rollouts read the trainer's rollout view of the weights (its layout and dtype, from the same function).
-    rollout_params = jax.eval_shape(plan.rollout_view, params)
+    rollout_params = jax.eval_shape(plan.rollout_view, params, frozen)
     # The rollout view lives beside the training weights during rollouts; when layout and dtype agree it
-    # is the same buffers.
-    same = all(a.sharding.spec == b.sharding.spec and a.dtype == b.dtype
-               for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(rollout_params)))
+    # is the same buffers (never for LoRA: the view holds merged weights).
+    same = frozen is None and all(a.sharding.spec == b.sharding.spec and a.dtype == b.dtype
+                                  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(rollout_params)))
     b_params = _bytes_per_chip(params)
+    own_ref = plan.use_ref and not plan.ref_is_base
     sizes = dict(params=b_params, opt_state=_bytes_per_chip(opt_state),
                  rollout_params=0 if same else _bytes_per_chip(rollout_params),
-                 ref_params=b_params if plan.use_ref else 0)
-    state = TrainState(params, opt_state, params if plan.use_ref else None)
-    return _State(graphdef, plan, state, rollout_params, sizes)
+                 ref_params=b_params if own_ref else 0, frozen=0 if frozen is None else _bytes_per_chip(frozen))
+    state = TrainState(params, opt_state, params if own_ref else None, frozen)
+    rollout_graphdef = graphdef if frozen is None else abstract_model(mcfg.replace(lora=None))[0]
+    return _State(graphdef, plan, state, rollout_params, sizes, rollout_graphdef)
 
 
 def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
@@ -334,6 +342,8 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
     ``log`` receives a line as each program starts compiling (minutes each at 8k tokens on a small host).
     Raises ``TpuUnavailable`` without libtpu, ``ValueError`` for a bad topology or mesh.
     """
+    import jax
+
     from realjax import sharding as shd
     from realjax.data import bucket_length
     from realjax.rl.batch import UpdateBatch
@@ -350,7 +360,7 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
 
     # -- rollout: the sampler's prefill and decode (and the evaluation sampler's) --------------------
     # The training weights (when the rollout copy is separate), Adam moments and GRPO's reference stay.
-    resident = (b["params"] if b["rollout_params"] else 0) + b["opt_state"] + b["ref_params"]
+    resident = (b["params"] + b["frozen"] if b["rollout_params"] else 0) + b["opt_state"] + b["ref_params"]
     per_call = r.prompts_per_call or r.prompts_per_step
     programs = _sampler_programs("", plan.sampling, st, mesh, per_call, tp, G, r.prompts_per_step // per_call,
                                  resident, log)
@@ -365,14 +375,16 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
         score = Program("score", int(plan.recompute_old_logp) + int(plan.use_ref),
                         f"{chunks} x {rows // chunks} rows x {tp}+{N} tok", b["opt_state"] + b["ref_params"])
         batch = UpdateBatch.spec((chunks, rows // chunks), tp, N, with_ref=False, sharding=plan.batch_sharding)
-        _compile(score, lambda: plan.scoring_fn(st.graphdef).lower(st.state.params, batch), log)
+        _compile(score, lambda: plan.scoring_fn(st.graphdef).lower(st.state.params, batch, st.state.frozen), log)
         programs.append(score)
     micro_rows = plan.rows_per_micro_batch
     update = Program("update", o.mini_batches, f"{o.micro_batches} x {micro_rows} rows x {tp}+{N} tok",
                      b["ref_params"])
     batch = UpdateBatch.spec((o.micro_batches, micro_rows), tp, N, with_ref=plan.use_ref, sharding=plan.batch_sharding,
                              with_sampler=cfg.rollout.is_correction != "none")  # importance weights need both
-    _compile(update, lambda: plan.update_step(st.graphdef).lower(st.state, batch), log)
+    # LoRA dropout draws its masks from a key the trainer passes to each update
+    key = (jax.eval_shape(lambda: jax.random.key(0)) if plan.lora is not None and plan.lora.dropout > 0 else None)
+    _compile(update, lambda: plan.update_step(st.graphdef).lower(st.state, batch, key), log)
     programs.append(update)
     return _summarise(cfg, topo, mesh, mcfg, source, programs, b)
 
@@ -394,7 +406,8 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
     prefill = Program(prefix + "prefill", calls, f"{prompts} prompts x {tp} tok -> {prompts * group} rows", resident)
-    compiled = _compile(prefill, lambda: sampler.prefill_program.lower(st.graphdef, st.rollout_params, ids, ids, key, group),
+    compiled = _compile(prefill, lambda: sampler.prefill_program.lower(st.rollout_graphdef, st.rollout_params, ids, ids,
+                                                                       key, group),
                         log)
     if compiled is None:
         decode = Program(prefix + "decode", calls * N, f"{prompts * group} rows x 1 tok, cache {tp + N}", resident)
@@ -407,7 +420,7 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     for w in windows:  # the steps that write slots [start, w) run in the program for window w
         part = Program(prefix + "decode", w - start, f"window {w}", resident,
                        unread_bytes=cache_bytes * (1 - w / S))
-        _compile(part, lambda w=w: sampler.decode_program.lower(st.graphdef, st.rollout_params,
+        _compile(part, lambda w=w: sampler.decode_program.lower(st.rollout_graphdef, st.rollout_params,
                                                         sampler.with_window(state, w)), log)
         parts.append(part)
         start = w
@@ -452,7 +465,8 @@ def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Prog
         "hbm_bytes_per_chip": chip.hbm_bytes, "peak_flops_per_chip": chip.peak_flops,
         "hbm_bandwidth_per_chip": chip.hbm_bandwidth,
         "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
-        "model": {"source": source, "params": mcfg.num_params(), "param_dtype": mcfg.param_dtype, "dtype": mcfg.dtype,
+        "model": {"source": source, "params": mcfg.num_params(), "lora_params": mcfg.num_lora_params(),
+                  "lora_rank": mcfg.lora.rank if mcfg.lora else 0, "param_dtype": mcfg.param_dtype, "dtype": mcfg.dtype,
                   "remat": mcfg.remat, "logprob_chunk_tokens": cfg.model.logprob_chunk_tokens},
         "state_bytes_per_chip": state_bytes, "programs": out,
         "peak_bytes_per_chip": max(p.total for p in programs),
@@ -492,6 +506,9 @@ def format_report(rep: dict, config: str = "") -> str:
              f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}")
     state = (f"state per chip (GiB): weights {_gib(st['params'])}, Adam {_gib(st['opt_state'])}, rollout copy of "
              f"the weights {_gib(st['rollout_params'])}, GRPO reference {_gib(st['ref_params'])}")
+    if m.get("lora_rank"):
+        model += f"; LoRA rank {m['lora_rank']}: {_count(m['lora_params'])} adapter params train"
+        state = state.replace("weights", "adapters", 1) + f", frozen base {_gib(st['frozen'])}"
     columns = ("program", "runs", "one run", "args", "out", "temp", "code", "peak", "+resid", "total", "TFLOP/chip",
                "t_flops", "t_hbm")
     row = "{:<12} {:>6}  {:<40} {:>6} {:>6} {:>6} {:>5} {:>6} {:>6} {:>6}  {:>10} {:>9} {:>9}"

@@ -76,13 +76,15 @@ def _print_summary(summary: dict) -> None:
 
 
 def export(args) -> int:
-    """`realjax export`: restore a run's checkpoint and write it as an HF model directory."""
+    """`realjax export`: restore a run's checkpoint and write it as an HF model directory (a LoRA run's
+    merged; with ``--peft``, its adapters alone too)."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from realjax.checkpoint import CheckpointUnreadable, Checkpointer
+    from realjax.checkpoint import CheckpointUnreadable, Checkpointer, base_identity, check_base
     from realjax.config import load_config
     from realjax.models import from_pretrained, save_pretrained
+    from realjax.models import lora as lora_lib
     from realjax.rl.components import model_path
 
     run = Path(args.run)
@@ -90,20 +92,30 @@ def export(args) -> int:
         raise CliError(f"{run} is not a run directory (no config.yaml)")
     cfg = load_config(run / "config.yaml")
     source = model_path(cfg)
-    model = from_pretrained(source, dtype=cfg.model.param_dtype)
-    graphdef, params = nnx.split(model)
+    lora = cfg.model.lora.model_config()
+    if args.peft and lora is None:
+        raise CliError(f"--peft: {run} trains every weight (model.lora.rank is 0): there are no adapters")
+    model = from_pretrained(source, dtype=cfg.model.param_dtype, lora=lora)
+    graphdef, state = nnx.split(model)
+    params, frozen = lora_lib.split_policy(state, lora)
     ckpt = Checkpointer(run / "checkpoints")
     step = args.step if args.step is not None else ckpt.latest_step()
     if step is None or step not in ckpt.all_steps():
         raise CliError(f"no checkpoint {'at step ' + str(args.step) if args.step is not None else ''} in {run}/checkpoints"
                        f" (have: {ckpt.all_steps()})")
     try:
-        params, _ = ckpt.restore_params(step, params)
+        params, meta = ckpt.restore_params(step, params)
+        check_base(meta, None if lora is None else base_identity(source, model.cfg, cfg), step)
     except CheckpointUnreadable as e:
         raise CliError(str(e)) from None
-    out = save_pretrained(nnx.merge(graphdef, params), args.out, dtype=jnp.dtype(args.dtype) if args.dtype else None,
+    policy = lora_lib.merge_policy(graphdef, params, frozen)
+    out = save_pretrained(policy, args.out, dtype=jnp.dtype(args.dtype) if args.dtype else None,
                           tokenizer_from=source)
-    print(f"wrote step {step} of {run} to {out}")
+    print(f"wrote step {step} of {run} to {out}" + (" (adapters merged)" if lora else ""))
+    if args.peft:
+        from realjax.models.peft import save_peft_adapters
+
+        print(f"wrote its adapters (PEFT layout) to {save_peft_adapters(policy, args.peft, base_model=str(source))}")
     return 0
 
 

@@ -128,7 +128,7 @@ def split_policy(state, lora: LoraConfig | None):
     base weights (cast to ``lora.base_dtype`` when set). ``nnx.merge(graphdef, trainable, frozen)`` rebuilds."""
     if lora is None:
         return state, None
-    adapters, base = state.split(LoraParam, ...)
+    adapters, base = nnx.split_state(state, LoraParam, ...)
     return adapters, cast_state(base, lora.base_dtype) if lora.base_dtype else base
 
 
@@ -153,18 +153,22 @@ def merge_adapters(base, adapters, scale: float, dtype=None):
     default the weight's). ``base`` and ``adapters`` are the halves of :func:`split_policy`."""
     pairs = {}
     for path, var in nnx.to_flat_state(adapters):
-        pairs.setdefault(path[:-1], {})[path[-1]] = var.get_value()
+        pairs.setdefault(path[:-1], {})[path[-1]] = _value(var)
     out = []
     for path, var in nnx.to_flat_state(base):
         pair = pairs.get(path[:-1] + (str(path[-1]) + SUFFIX,))
-        value = var.get_value()
+        value = new = _value(var)
         if pair is not None:
             merged = value.astype(jnp.float32) + scale * _delta(pair["a"], pair["b"], value.ndim)
-            var = var.replace(merged.astype(dtype or value.dtype))
+            new = merged.astype(dtype or value.dtype)
         elif dtype is not None and jnp.issubdtype(value.dtype, jnp.floating):
-            var = var.replace(value.astype(dtype))
-        out.append((path, var))
+            new = value.astype(dtype)
+        out.append((path, var.replace(new) if isinstance(var, nnx.Variable) else new))
     return nnx.from_flat_state(out)
+
+
+def _value(leaf):
+    return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
 
 
 _INPUT_AXES = ("embed", "heads", "head_dim", "mlp")  # what A contracts; a stacking axis is none of these
