@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from realjax.rundir import atomic_write_text, exception_chain, write_failed, writing
 
@@ -287,8 +288,6 @@ class Checkpointer:
                         shutil.rmtree(dst)
                     os.replace(src, dst)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("realjax_checkpoint_set_aside")
         self.manager.reload()
 

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
-import numpy as np
 import yaml
 
 from realjax.is_correction import MODES, ROLLOUT_OBJECTIVES
-from realjax.losses import LOSSES, hparams_of
+from realjax.losses import get_terms, hparam_types, hparams_of
+from realjax.models.config import LoraConfig, check_dtype, check_remat
 from realjax.sharding import MeshConfig
 
 
@@ -38,8 +39,6 @@ class LoraSection:
 
     def model_config(self):
         """The model's ``LoraConfig``, or None when off."""
-        from realjax.models.config import LoraConfig
-
         if self.rank == 0:
             return None
         targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
@@ -70,38 +69,49 @@ class DataSection:
 
 @dataclasses.dataclass(frozen=True)
 class LossSection:
-    """The objective (``realjax.losses.LOSSES``) and its hyperparameters; unset ones keep the function's
-    defaults. A key that belongs to another objective is ignored (and reported by the trainer), so one
-    override such as ``loss.name=grpo`` switches the objective of any config."""
+    """The objective (``realjax.losses.LOSSES``) and the hyper-parameters set for it. Each objective
+    declares its own in its signature (``realjax.losses.hparam_types``), so a new objective needs no
+    change here; unset ones keep the function's defaults. A key that belongs to another objective is
+    ignored (and reported by the trainer), so one override such as ``loss.name=grpo`` switches the
+    objective of any config. In YAML: ``loss: {name: real, tau: 0.5}``."""
 
     name: str = "real"
-    tau: float | None = None  # REAL temperature tau (default 0.5)
-    clip_eps: float | None = None  # GRPO / Dr.GRPO epsilon (0.2)
-    clip_low: float | None = None  # DAPO / GSPO lower clip (0.2 / 3e-4)
-    clip_high: float | None = None  # DAPO / GSPO upper clip (0.28 / 4e-4)
-    kl_coef: float | None = None  # GRPO beta on KL(pi || pi_ref) (the paper's GRPO: 0.001)
-    kl_estimator: str | None = None  # k1 | k3 (alias low_var_kl)
-    norm_length: int | None = None  # Dr.GRPO constant (default: the response budget N)
-
-    def _set(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "name" and getattr(self, f.name) is not None}
+    values: tuple[tuple[str, Any], ...] = ()  # (key, value), sorted; unset keys are absent
 
     def hparams(self) -> dict[str, Any]:
         """The set hyper-parameters that this objective takes."""
         takes = hparams_of(self.name)
-        return {k: v for k, v in self._set().items() if k in takes}
+        return {k: v for k, v in self.values if k in takes}
 
     def ignored(self) -> list[str]:
         """Set keys that belong to other objectives (``loss.tau`` under ``loss.name=grpo``)."""
         takes = hparams_of(self.name)
-        return [k for k in self._set() if k not in takes]
+        return [k for k, _ in self.values if k not in takes]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dict(self.values)}
+
+    def __getattr__(self, key: str) -> Any:
+        """``cfg.loss.tau``: the set value of any objective's hyper-parameter (None when unset)."""
+        if key.startswith("_") or key not in hparam_types():
+            raise AttributeError(key)
+        return dict(self.values).get(key)
+
+
+def _loss_section(data: Any, prefix: str) -> LossSection:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of loss keys, got {data!r}")
+    types = hparam_types()
+    _check_keys(data, ["name", *types], prefix + ".")
+    values = tuple(sorted((k, _coerce(v, types[k], f"{prefix}.{k}")) for k, v in data.items()
+                          if k != "name" and v is not None))
+    return LossSection(_coerce(data.get("name", "real"), str, prefix + ".name"), values)
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSection:
-    group_size: int = 8  # G rollouts per prompt
-    prompts_per_step: int = 128  # prompts per RL step (G * this = responses per step)
+    group_size: int = 8  # R rollouts per prompt (the paper's G)
+    prompts_per_step: int = 128  # prompts per RL step (R * this = responses per step)
     temperature: float = 0.6  # the rollout temperature; the trained policy is softmax(logits / T)
     top_p: float = 1.0
     top_k: int = 0
@@ -240,6 +250,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif tp is LossSection:
+        return _loss_section(value, key)
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
             return from_dict(tp, value, prefix=key + ".")
@@ -249,15 +261,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
 
 
-def from_dict(cls, data: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+def _check_keys(data: dict, names: list[str], prefix: str) -> None:
     unknown = [k for k in data if k not in names]
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(prefix + n for n in names)}"
         raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    _check_keys(data, [f.name for f in dataclasses.fields(cls)], prefix)
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -266,7 +281,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data (what ``config.yaml`` holds; ``load_config`` reads it back)."""
+    return {**dataclasses.asdict(cfg), "loss": cfg.loss.as_dict()}
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -294,6 +310,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def demo_config_path() -> Path:
+    """The demo config shipped inside the package (a copy of configs/demo.yaml)."""
+    return Path(str(resources.files("realjax") / "configs" / "demo.yaml"))
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (or defaults when None), apply ``key=value`` overrides, validate, return Config."""
     data: dict = {}
@@ -311,14 +332,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def _check(key: str, check, value) -> None:
+    """A check that the library owns (it raises ValueError), reported against the config key."""
+    try:
+        check(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def validate(cfg: Config) -> None:
     """Every rule a setting must meet that can be checked without devices (the mesh-dependent ones are
     checked when the run plan is made, still before any step). Each failure names the key and the rule."""
     r, o, t, e = cfg.rollout, cfg.optim, cfg.trainer, cfg.eval
-    if cfg.loss.name not in LOSSES:
-        close = difflib.get_close_matches(cfg.loss.name, LOSSES, n=1)
-        raise ConfigError(f"loss.name: unknown objective {cfg.loss.name!r}" + (f"; did you mean {close[0]}?" if close else
-                                                                           f"; choose from {sorted(LOSSES)}"))
+    _check("loss.name", get_terms, cfg.loss.name)
     at_least = {"rollout.group_size": (r.group_size, 2), "rollout.prompts_per_step": (r.prompts_per_step, 1),
                 "rollout.max_new_tokens": (r.max_new_tokens, 1), "rollout.window_tokens": (r.window_tokens, 1),
                 "rollout.max_sampling_rounds": (r.max_sampling_rounds, 1), "rollout.compact_every": (r.compact_every, 1),
@@ -357,41 +383,18 @@ def validate(cfg: Config) -> None:
     _check_is_correction(cfg)
     if o.schedule not in ("constant", "cosine", "linear"):
         raise ConfigError(f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}")
-    for key, value in (("model.param_dtype", cfg.model.param_dtype), ("model.dtype", cfg.model.dtype)):
-        if value == "auto" and key == "model.dtype":
-            continue
-        try:
-            np.dtype(ml_dtypes.bfloat16 if value == "bfloat16" else value)
-        except TypeError:
-            raise ConfigError(f"{key}: unknown dtype {value!r} (float32, bfloat16{', auto' if key == 'model.dtype' else ''})") from None
-    if cfg.model.remat not in ("none", "full", "dots"):
-        raise ConfigError(f"model.remat must be none, full or dots, got {cfg.model.remat!r}")
+    _check("model.param_dtype", check_dtype, cfg.model.param_dtype)
+    _check("model.dtype", functools.partial(check_dtype, auto=True), cfg.model.dtype)
+    _check("model.remat", check_remat, cfg.model.remat)
     _check_lora(cfg.model.lora)
     if not cfg.data.train:
         raise ConfigError("data.train is not set (a data spec: file, directory, hub name or synthetic:...)")
 
 
 def _check_lora(lora: LoraSection) -> None:
-    from realjax.models.config import LORA_TARGETS
-
     if lora.rank < 0:
         raise ConfigError(f"model.lora.rank must be >= 0 (0 = off), got {lora.rank}")
-    if lora.rank == 0:
-        return
-    if not lora.alpha > 0:
-        raise ConfigError(f"model.lora.alpha must be > 0, got {lora.alpha}")
-    names = [t.strip() for t in lora.targets.split(",") if t.strip()]
-    bad = [t for t in names if t not in LORA_TARGETS]
-    if bad or not names or len(set(names)) != len(names):
-        why = f"unknown projection {bad[0]!r}" if bad else "none given" if not names else "a name repeats"
-        raise ConfigError(f"model.lora.targets: {why}; a comma-separated subset of {','.join(LORA_TARGETS)}")
-    if not 0 <= lora.dropout < 1:
-        raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
-    if lora.base_dtype:
-        try:
-            np.dtype(ml_dtypes.bfloat16 if lora.base_dtype == "bfloat16" else lora.base_dtype)
-        except TypeError:
-            raise ConfigError(f"model.lora.base_dtype: unknown dtype {lora.base_dtype!r} (float32, bfloat16)") from None
+    _check("model.lora", LoraSection.model_config, lora)  # the model's LoraConfig checks the rest
 
 
 def _check_is_correction(cfg: Config) -> None:

@@ -23,21 +23,19 @@ Departures from the official pipeline (verl ``main_generation`` + deepscaler rew
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-import time
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from realjax.rewards import answer_key as default_answer_key, score_math
 from realjax.sampling import Sampler, SamplingConfig, sample_ids
 
 Verifier = Callable[[list[str], list], list[float]]
 AnswerKey = Callable[[str], str | None]
 
-PAPER_N = 16
+PAPER_R = 16
 MAX_DROPPED_FRACTION = 0.5  # an eval set that loses more than this is not the benchmark any more
 
 
@@ -83,7 +81,7 @@ def majority_vote(keys: Sequence[str | None]) -> int | None:
     return first[max(counts, key=counts.__getitem__)]  # max keeps the first of equal counts: dicts keep order
 
 
-def maj_at_k(keys_N: Sequence[str | None], scores_N: Sequence[float], k: int) -> float:
+def maj_at_k(keys_R: Sequence[str | None], scores_R: Sequence[float], k: int) -> float:
     """maj@k of one problem from its ``n`` samples, in sample order.
 
     The n samples are cut into ``n // k`` disjoint consecutive blocks of k (the last ``n % k`` samples
@@ -93,19 +91,19 @@ def maj_at_k(keys_N: Sequence[str | None], scores_N: Sequence[float], k: int) ->
     independent samples; at k = n it is the one vote over all samples.
 
     Args:
-      keys_N: vote key per sample (``realjax.rewards.answer_key``), None when it has no answer.
-      scores_N: the verifier's 0/1 score per sample.
+      keys_R: vote key per sample (``realjax.rewards.answer_key``), None when it has no answer.
+      scores_R: the verifier's 0/1 score per sample.
       k: the vote size (1 <= k <= n).
     """
-    n = len(keys_N)
-    if len(scores_N) != n or not 1 <= k <= n:
-        raise ValueError(f"maj_at_k needs {n} scores and 1 <= k <= n={n}; got {len(scores_N)} scores, k={k}")
+    n = len(keys_R)
+    if len(scores_R) != n or not 1 <= k <= n:
+        raise ValueError(f"maj_at_k needs {n} scores and 1 <= k <= n={n}; got {len(scores_R)} scores, k={k}")
     blocks = [range(start, start + k) for start in range(0, n - k + 1, k)]
-    voted = [majority_vote([keys_N[i] for i in block]) for block in blocks]
-    return sum(float(scores_N[block[v]]) for block, v in zip(blocks, voted) if v is not None) / len(blocks)
+    voted = [majority_vote([keys_R[i] for i in block]) for block in blocks]
+    return sum(float(scores_R[block[v]]) for block, v in zip(blocks, voted) if v is not None) / len(blocks)
 
 
-def _check_ks(ks: Sequence[int], n: int) -> tuple[int, ...]:
+def check_ks(ks: Sequence[int], n: int) -> tuple[int, ...]:
     """Sorted unique ks, each in [1, n]; pass@1 is always reported."""
     bad = [k for k in ks if not 1 <= int(k) <= n]
     if bad:
@@ -128,14 +126,14 @@ def _check_scores(scores: Sequence[float], expected: int, name: str) -> np.ndarr
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
-def dataset_metrics(correct_P: np.ndarray, lengths_PN: np.ndarray, finished_PN: np.ndarray, *, n: int,
+def dataset_metrics(correct_P: np.ndarray, lengths_PR: np.ndarray, finished_PR: np.ndarray, *, n: int,
                     ks: Sequence[int], maj: Mapping[int, Sequence[float]] | None = None) -> dict:
     """The metrics of one dataset from its per-problem counts.
 
     Args:
       correct_P: int [P] correct samples per problem.
-      lengths_PN: int [P, n] response lengths in tokens.
-      finished_PN: bool [P, n] the response ended on a stop token.
+      lengths_PR: int [P, n] response lengths in tokens.
+      finished_PR: bool [P, n] the response ended on a stop token.
       n: samples per problem; ks: the Pass@k budgets (1 included).
       maj: k -> maj@k per problem [P] (``maj_at_k``), for the k that report it.
     Returns:
@@ -144,8 +142,8 @@ def dataset_metrics(correct_P: np.ndarray, lengths_PN: np.ndarray, finished_PN: 
     out = {f"pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in correct_P])) for k in ks}
     out["pass@1"] = float(np.mean(correct_P / n))  # the estimator at k=1, without rounding detours
     out.update({f"maj@{k}": float(np.mean(values)) for k, values in (maj or {}).items()})
-    out.update(problems=int(correct_P.size), samples=int(lengths_PN.size),
-               response_length=float(lengths_PN.mean()), truncated=float(1.0 - finished_PN.mean()))
+    out.update(problems=int(correct_P.size), samples=int(lengths_PR.size),
+               response_length=float(lengths_PR.mean()), truncated=float(1.0 - finished_PR.mean()))
     return out
 
 
@@ -168,13 +166,13 @@ def _score_dataset(name: str, rows: Sequence[Mapping], samples: list[list[dict]]
     return scores, completions
 
 
-def _majority(completions: list[str], scores_PN: np.ndarray, answer_key: AnswerKey,
+def _majority(completions: list[str], scores_PR: np.ndarray, answer_key: AnswerKey,
               ks: Sequence[int]) -> dict[int, list[float]]:
     """k -> maj@k per problem for each k > 1 in ``ks`` (``maj_at_k``)."""
-    n = scores_PN.shape[1]
+    n = scores_PR.shape[1]
     keys = [answer_key(text) for text in completions]
-    keys_PN = [keys[p * n:(p + 1) * n] for p in range(scores_PN.shape[0])]
-    return {k: [maj_at_k(keys_N, scores_N, k) for keys_N, scores_N in zip(keys_PN, scores_PN)]
+    keys_PR = [keys[p * n:(p + 1) * n] for p in range(scores_PR.shape[0])]
+    return {k: [maj_at_k(keys_R, scores_R, k) for keys_R, scores_R in zip(keys_PR, scores_PR)]
             for k in ks if k > 1}
 
 
@@ -211,11 +209,11 @@ def evaluate(model, tokenizer, datasets: Mapping[str, Sequence[Mapping]], *,
         raise ValueError(f"n must be >= 1, got {n}")
     if not datasets or any(not rows for rows in datasets.values()):
         raise ValueError(f"evaluate needs non-empty datasets; sizes {({k: len(v) for k, v in datasets.items()})}")
-    ks = _check_ks(ks, n)
+    ks = check_ks(ks, n)
     if verifier is None:
-        from realjax.rewards import score_math as verifier  # lazy: the verifier pulls in sympy
+        verifier = score_math
     if answer_key is None and max(ks) > 1:
-        from realjax.rewards import answer_key
+        answer_key = default_answer_key
     sampler = sampling if isinstance(sampling, Sampler) else Sampler(sampling, pad_id=tokenizer.pad_token_id,
                                                                      mesh=mesh)
     per_dataset, per_problem = {}, {}
@@ -224,12 +222,12 @@ def evaluate(model, tokenizer, datasets: Mapping[str, Sequence[Mapping]], *,
             print(f"eval {name}: {len(rows)} problems x {n} samples", file=sys.stderr)
         samples = sample_ids(model, sampler, [row["prompt_ids"] for row in rows], n=n, seed=seed,
                              prompts_per_batch=prompts_per_batch, progress=progress)
-        scores_PN, completions = _score_dataset(name, rows, samples, tokenizer, verifier, n)
-        maj = _majority(completions, scores_PN, answer_key, ks) if max(ks) > 1 else {}
-        lengths_PN = np.array([[len(s["token_ids"]) for s in per] for per in samples])
-        finished_PN = np.array([[s["finished"] for s in per] for per in samples], bool)
-        correct_P = scores_PN.sum(axis=1).astype(int)
-        per_dataset[name] = dataset_metrics(correct_P, lengths_PN, finished_PN, n=n, ks=ks, maj=maj)
+        scores_PR, completions = _score_dataset(name, rows, samples, tokenizer, verifier, n)
+        maj = _majority(completions, scores_PR, answer_key, ks) if max(ks) > 1 else {}
+        lengths_PR = np.array([[len(s["token_ids"]) for s in per] for per in samples])
+        finished_PR = np.array([[s["finished"] for s in per] for per in samples], bool)
+        correct_P = scores_PR.sum(axis=1).astype(int)
+        per_dataset[name] = dataset_metrics(correct_P, lengths_PR, finished_PR, n=n, ks=ks, maj=maj)
         per_problem[name] = {"correct": correct_P.tolist(), **{f"maj@{k}": v for k, v in maj.items()}}
     cfg = sampler.cfg
     settings = dict(n=n, ks=list(ks), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -270,99 +268,3 @@ def format_table(result: Mapping) -> str:
     caption = (f"n={s['n']} samples/problem, temperature {s['temperature']}, top-p {s['top_p']}, "
                f"top-k {s['top_k'] or 'off'}, max {s['max_new_tokens']} new tokens, seed {s['seed']}")
     return "\n".join([caption, *text])
-
-
-# ----------------------------------------------------------------------------------------------------
-# `realjax eval`
-# ----------------------------------------------------------------------------------------------------
-def _parse_ks(text: str | None, n: int) -> tuple[int, ...]:
-    from realjax.cli import CliError
-
-    if not text:
-        return (1, n)
-    try:
-        ks = tuple(int(k) for k in text.split(",") if k.strip())
-        return _check_ks(ks, n)
-    except ValueError as e:
-        raise CliError(f"--k {text!r}: {e}" if "pass@k" in str(e) else f"--k {text!r}: not integers") from None
-
-
-def _load_data(args, tokenizer) -> tuple[dict[str, list], dict[str, dict]]:
-    """Rendered rows per dataset (the first ``--limit``), and what was kept / dropped per dataset."""
-    from realjax import data
-
-    datasets, counts = {}, {}
-    for name, (rows, report) in data.load_many(args.data).items():
-        rows, report = data.render_prompts(rows, tokenizer, max_prompt_tokens=args.max_prompt_tokens,
-                                           chat_template=not args.no_chat_template, report=report,
-                                           limit_key="--max-prompt-tokens")
-        print(report.summary(), file=sys.stderr)
-        if report.dropped:  # the score is then over a subset of the benchmark: say so loudly
-            print(f"warning: {name}: {report.dropped} of {report.total} problems dropped; "
-                  "the score is not comparable with the full benchmark", file=sys.stderr)
-        report.check(max_bad_fraction=MAX_DROPPED_FRACTION)
-        datasets[name] = rows[:args.limit] if args.limit > 0 else rows
-        counts[name] = dict(source=report.source, total=report.total, kept=report.kept,
-                            too_long=report.too_long, malformed=dict(report.malformed),
-                            evaluated=len(datasets[name]))
-    return datasets, counts
-
-
-def _load_tokenizer(path: str):
-    """(tokenizer, stop ids) of a local HF directory."""
-    from realjax.models import load_tokenizer, stop_token_ids
-
-    tokenizer = load_tokenizer(path)
-    return tokenizer, stop_token_ids(path, tokenizer)
-
-
-def _load_model(path: str, dtype: str):
-    from realjax.models import from_pretrained
-    from realjax.models.config import resolve_dtype
-
-    return from_pretrained(path, dtype=resolve_dtype(dtype))
-
-
-def main(args) -> int:
-    """``realjax eval``: load, sample, score, print the table, write JSON (see ``cli._add_eval``)."""
-    from realjax.cli import CliError
-    from realjax.data import DataError
-
-    start = time.time()
-    if args.n < 1 or args.limit < 0 or args.batch_prompts < 1:
-        raise CliError("--n and --batch-prompts must be >= 1 and --limit >= 0")
-    if args.output and not Path(args.output).resolve().parent.is_dir():  # fail before hours of sampling
-        raise CliError(f"--output {args.output}: its directory does not exist")
-    ks = _parse_ks(args.k, args.n)
-    # Cheap steps first (tokenizer, data), the weights last: a typo fails in seconds, not minutes.
-    try:
-        tokenizer, stops = _load_tokenizer(args.model)
-        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k, stop_ids=stops)
-        datasets, counts = _load_data(args, tokenizer)
-        model = _load_model(args.model, args.dtype)
-    except FileNotFoundError:
-        raise  # cli.main prints it as one line
-    except (DataError, ValueError, KeyError, OSError) as e:  # malformed data, checkpoint or settings
-        raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    verifier = key = None
-    if args.require_think:
-        from functools import partial
-
-        from realjax.rewards import answer_key, score_math
-
-        verifier = partial(score_math, require_think=True)
-        key = partial(answer_key, require_think=True)  # the votes read answers as the verifier does
-    result = evaluate(model, tokenizer, datasets, sampling=sampling, n=args.n, seed=args.seed,
-                      prompts_per_batch=args.batch_prompts, verifier=verifier, ks=ks, progress=True,
-                      answer_key=key)
-    result["settings"].update(max_prompt_tokens=args.max_prompt_tokens, require_think=args.require_think,
-                              chat_template=not args.no_chat_template, limit=args.limit, dtype=args.dtype)
-    print(format_table(result))
-    if args.output:
-        record = {"model": args.model, "data": args.data, **result, "counts": counts,
-                  "wall_time_s": round(time.time() - start, 3)}
-        with open(args.output, "w") as f:
-            json.dump(record, f, indent=2)
-        print(f"wrote {args.output}")
-    return 0

@@ -49,13 +49,13 @@ class MetricsWriter:
             self._tb = _rebuilt_tensorboard(Path(run_dir) / "tensorboard", kept)
         if wandb:
             try:
-                import wandb as wandb_lib
+                import wandb as wandb_lib  # lazy: optional, not a dependency
             except ImportError:
                 print("realjax: logging.wandb is on but wandb is not installed; skipping W&B", file=sys.stderr)
             else:
                 self._wandb = wandb_lib.init(project=wandb_project, name=run_name, config=config, resume="allow")
         if progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # lazy: only the progress bar needs it
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="RL steps", unit="step", dynamic_ncols=True)
 
@@ -143,7 +143,7 @@ def _rebuilt_tensorboard(directory: Path, rows: list[dict]):
     metrics.jsonl holds everything they did. (tensorboardX's ``purge_step`` would hide whole steps, and
     the final evaluation is re-logged at a step whose training row stays.)
     """
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter  # lazy: 5 s to import, and only when TensorBoard logging is on
 
     with writing(directory):
         directory.mkdir(parents=True, exist_ok=True)

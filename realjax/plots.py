@@ -10,7 +10,11 @@ import json
 import math
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from realjax import losses
 
 # Fig. 1 set-up: a group of 8 rollouts with 4 positives (the on-policy REAL weight is then 0.4 at s = 0,
 # where the paper's curve sits) and GRPO's clip 0.2; REAL's tau is 0.5.
@@ -24,11 +28,6 @@ def gradient_weights(s_grid) -> dict[str, np.ndarray]:
     (the batch mean undone). REAL: rollout k's length-normalised score s, the others on-policy (s = 0),
     weight per group.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from realjax import losses
-
     r = jnp.array([1.0] * _N_POS + [0.0] * (_GROUP - _N_POS))
     zeros = jnp.zeros((_GROUP, 1))
 
@@ -50,10 +49,10 @@ def gradient_weights(s_grid) -> dict[str, np.ndarray]:
 
 def plot_gradient_weights(out: str | Path, *, s_max: float = 3.0, points: int = 601) -> Path:
     """Draw the paper's Fig. 1 from autodiff of ``grpo_loss`` and ``real_loss``; returns the PNG path."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is optional (the `plots` extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     s = np.linspace(-s_max, s_max, points)
     w = gradient_weights(s)
@@ -134,10 +133,10 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Draw the training dynamics of a run (reward, val pass@1, entropy, length, KL, grad norm) and the
     gradient weights per rollout (positives, negatives; by confidence tercile)."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is optional (the `plots` extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"

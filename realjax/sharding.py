@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -76,7 +78,6 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Iterable | None = None) ->
     shape = cfg.shape(len(devices))
     try:
         # Topology-aware placement on TPU/GPU (tensor axis on the fastest links).
-        from jax.experimental import mesh_utils
 
         arr = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # CPU devices and odd counts: plain row-major order is right there
@@ -152,8 +153,6 @@ def named(axes, shape, mesh: Mesh, rules: Rules) -> NamedSharding:
 
 def state_shardings(state, mesh: Mesh, rules: Rules):
     """Shardings for an ``nnx.State`` (abstract or concrete) from each Variable's ``axes`` metadata."""
-    from flax import nnx
-
     def one(var):
         return var.replace(named(var.get_metadata().get("axes"), var.get_value().shape, mesh, rules))
 
@@ -221,7 +220,6 @@ def to_host(x) -> np.ndarray:
     """The whole (global) array as numpy on this host, gathering across processes when needed."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
@@ -230,7 +228,6 @@ def allgather_host(x: np.ndarray) -> np.ndarray:
     """Concatenate every process's host array (same shape on all) along axis 0, in process order."""
     if jax.process_count() == 1:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
 

@@ -39,7 +39,7 @@ def make_hf_model(family: str, out_dir, seed: int = 0, *, tokenizer: bool = True
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(out_dir)
     if tokenizer:
-        from realjax.tiny import char_tokenizer
+        from realjax.models.char_tokenizer import char_tokenizer
 
         char_tokenizer().save_pretrained(out_dir)
     return model

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from realjax import aot
+from realjax.cli import compile as compile_command
+from realjax.tools.aot import compile as aot, report as aot_report, topology
 from realjax.cli import main as cli_main
 from realjax.config import load_config
 
@@ -85,7 +86,7 @@ def test_paper_config_objectives():
     ("v5p:4x4x12", 192, "v5:4x4x12", (2, 2, 1)),
 ])
 def test_parse_topology(name, chips, jax_name, host):
-    topo = aot.parse_topology(name)
+    topo = topology.parse_topology(name)
     assert (topo.chips, topo.jax_name, topo.host_bounds) == (chips, jax_name, host)
     assert math.prod(topo.shape) == chips
 
@@ -93,12 +94,12 @@ def test_parse_topology(name, chips, jax_name, host):
 @pytest.mark.parametrize("name", ["v5p-7", "v3-8", "tpu", "v5p-24", "v6e:2x2x2"])
 def test_parse_topology_rejects(name):
     with pytest.raises(ValueError):
-        aot.parse_topology(name)
+        topology.parse_topology(name)
 
 
 def test_chip_table():
-    assert aot.CHIPS["v5p"].hbm_bytes == 95 * 2**30 and aot.CHIPS["v5p"].peak_flops == 459e12
-    assert [aot.CHIPS[c].hbm_bytes // 2**30 for c in ("v4", "v5e", "v6e")] == [32, 16, 32]
+    assert topology.CHIPS["v5p"].hbm_bytes == 95 * 2**30 and topology.CHIPS["v5p"].peak_flops == 459e12
+    assert [topology.CHIPS[c].hbm_bytes // 2**30 for c in ("v4", "v5e", "v6e")] == [32, 16, 32]
 
 
 def test_compile_without_libtpu_says_how_to_install(monkeypatch, capsys):
@@ -131,7 +132,7 @@ def tiny_report(tmp_path_factory):
     import contextlib
     import io
 
-    from realjax.rl.components import DEMO_ASSET
+    from realjax.rl.setup import DEMO_ASSET
 
     model = tmp_path_factory.mktemp("tiny_model")
     arch = json.loads((DEMO_ASSET / "config.json").read_text())
@@ -173,7 +174,7 @@ def test_compile_exit_1_when_it_does_not_fit(tiny_report, monkeypatch, capsys):
     """The tiny report as if the update needed more than the chip has: exit 1 and the table says so."""
     rep = json.loads(tiny_report[1])
     rep["programs"]["update"]["fits"] = rep["fits"] = False
-    monkeypatch.setattr(aot, "compile_report", lambda cfg, topology, log: rep)
+    monkeypatch.setattr(compile_command, "compile_report", lambda cfg, topology, log: rep)
     assert cli_main(["compile", "--topology", "v5p-8", *TINY]) == 1
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text and "> HBM" in text and "update" in text
@@ -188,7 +189,7 @@ def test_long_decode_keeps_one_cache_and_reads_it_by_windows(tmp_path):
     import contextlib
     import io
 
-    from realjax.rl.components import DEMO_ASSET
+    from realjax.rl.setup import DEMO_ASSET
 
     arch = json.loads((DEMO_ASSET / "config.json").read_text())
     arch.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, head_dim=128)
@@ -218,5 +219,5 @@ def test_paper_config_fits(config, topology):
     """The full-size compiles of docs/aot_reports.md (minutes each on a small host)."""
     cfg = load_config(CONFIGS / f"{config}.yaml")
     rep = aot.compile_report(cfg, topology)
-    assert rep["fits"], aot.format_report(rep, config)
+    assert rep["fits"], aot_report.format_report(rep, config)
     assert rep["peak_bytes_per_chip"] < 0.9 * rep["hbm_bytes_per_chip"]

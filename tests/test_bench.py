@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from realjax import bench, cli
+from realjax import cli
+from realjax.tools.bench import common as bench
+from realjax.tools.bench.update import torch_real_loss
 from realjax.models import abstract_model
 
 TINY = ["--preset", "tiny", "--layers", "2", "--repeats", "1"]
@@ -39,7 +41,7 @@ def test_sampler_bench(capsys):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_decode_bytes_count_every_weight_once(tied):
-    cfg = bench.model_config("tiny").replace(tie_word_embeddings=tied)
+    cfg = bench.preset_config("tiny").replace(tie_word_embeddings=tied)
     _, abstract = abstract_model(cfg)
     weights = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
     B, S = 3, 10
@@ -58,7 +60,7 @@ def test_update_bench_matches_torch_loss(capsys):
 
 
 def test_update_flops_count_six_per_weight_per_token():
-    cfg = bench.model_config("tiny")  # tied: the embedding is the LM head
+    cfg = bench.preset_config("tiny")  # tied: the embedding is the LM head
     rows, prompt, response = 3, 5, 4
     T = prompt + response - 1
     head = cfg.vocab_size * cfg.hidden_size
@@ -77,7 +79,7 @@ def test_torch_real_loss_equals_realjax():
     mask = (rng.random((B, T)) < 0.8).astype(np.float32)
     rewards = np.array([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0], np.float32)  # mixed, all-right, all-wrong
     want, _ = real_loss(logp, old, mask, rewards, group_size=R, tau=0.5)
-    got = bench.torch_real_loss(*map(torch.from_numpy, (logp, old, mask, rewards)), group_size=R, tau=0.5)
+    got = torch_real_loss(*map(torch.from_numpy, (logp, old, mask, rewards)), group_size=R, tau=0.5)
     assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
@@ -120,7 +122,7 @@ def test_rollout_bench(capsys):
 
 
 def test_oracle_lengths_match_r1_distill():
-    from realjax.bench_rollout import minimum_slots_read, oracle_lengths, static_slots_read
+    from realjax.tools.bench.rollout import minimum_slots_read, oracle_lengths, static_slots_read
 
     lengths = oracle_lengths("r1-distill", 200_000, 8192)
     assert np.mean(lengths) / 8192 == pytest.approx(0.47, abs=0.01)  # mean about 0.47 N

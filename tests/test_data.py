@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from realjax import data
-from realjax.tiny import char_tokenizer
+from realjax.models.char_tokenizer import char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_DATA = Path(os.environ.get("REALJAX_PAPER_DATA", REPO / ".." / "shared" / "data" / "paper"))

@@ -20,7 +20,7 @@ import pytest
 
 from realjax.checkpoint import MANIFEST, CheckpointUnreadable, Checkpointer
 from realjax.cli import main as cli_main
-from realjax.commands import demo_config_path
+from realjax.config import demo_config_path
 from realjax.metrics import MetricsWriter
 from realjax.rundir import WriteFailed, write_failed
 

@@ -176,11 +176,11 @@ def test_evaluate_aggregates_per_problem_counts(policy):
         assert result["per_problem"][name]["correct"] == correct
         assert got["problems"] == len(rows) and got["samples"] == len(rows) * n
         assert got["pass@1"] == pytest.approx(np.mean(correct) / n)
-        texts_PN = [[tok.decode(s["token_ids"], skip_special_tokens=True) for s in per] for per in samples]
+        texts_PR = [[tok.decode(s["token_ids"], skip_special_tokens=True) for s in per] for per in samples]
         for k in (2, 4):
             assert got[f"pass@{k}"] == pytest.approx(np.mean([_brute_pass_at_k(n, c, k) for c in correct]))
             maj = [_reference_maj_at_k([vote(t) for t in texts], [_hash_rule(t) for t in texts], k)
-                   for texts in texts_PN]
+                   for texts in texts_PR]
             assert result["per_problem"][name][f"maj@{k}"] == pytest.approx(maj)
             assert got[f"maj@{k}"] == pytest.approx(np.mean(maj))
         assert "maj@1" not in got  # it would be pass@1

@@ -20,8 +20,8 @@ from flax import nnx
 
 from realjax import sharding as shd
 from realjax.checkpoint import BaseMismatch, Checkpointer, abstract_like, check_base
-from realjax.commands import demo_config_path
-from realjax.config import ConfigError, load_config
+
+from realjax.config import ConfigError, demo_config_path, load_config
 from realjax.losses import TERMS
 from realjax.models import ModelConfig, abstract_model, from_pretrained, init_model, save_pretrained
 from realjax.models import lora
@@ -272,11 +272,11 @@ def test_checkpoint_holds_adapters_and_refuses_another_base(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("model.lora.rank=-1", "model.lora.rank must be >= 0"),
-    ("model.lora.targets=q,x", "model.lora.targets: unknown projection 'x'"),
+    ("model.lora.targets=q,x", "model.lora: targets: unknown projection 'x'"),
     ("model.lora.targets=q,q", "a name repeats"),
-    ("model.lora.alpha=0", "model.lora.alpha must be > 0"),
-    ("model.lora.dropout=1.0", "model.lora.dropout must be in [0, 1)"),
-    ("model.lora.base_dtype=float12", "model.lora.base_dtype: unknown dtype"),
+    ("model.lora.alpha=0", "model.lora: alpha must be > 0"),
+    ("model.lora.dropout=1.0", "model.lora: dropout must be in [0, 1)"),
+    ("model.lora.base_dtype=float12", "model.lora: base_dtype: unknown dtype"),
     ("model.lora.rnak=4", "did you mean model.lora.rank"),
 ])
 def test_config_errors_name_the_key(override, message):

@@ -281,7 +281,7 @@ def test_unknown_kl_estimator_and_bad_group_size_are_clear_errors():
                          ref_logp=b["old_logp"], kl_estimator="k9")
     with pytest.raises(ValueError, match="whole number of groups"):
         losses.real_loss(b["logp"], b["old_logp"], b["mask"], b["rewards"], group_size=3)
-    with pytest.raises(ValueError, match="unknown loss"):
+    with pytest.raises(ValueError, match="unknown objective"):
         losses.get_loss("ppo")
 
 

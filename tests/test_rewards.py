@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from realjax import rewards, tiny
+from realjax import rewards
+from realjax.models import char_tokenizer as tiny
 from realjax.rewards import (
     VerifierPool,
     extract_answer,

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from realjax import study_report as rep
-from realjax.cli import CliError
-from realjax.commands import demo_config_path
-from realjax.study import DONE_FILE, PAPER_HPARAMS, plan
+from realjax.tools.study import report as rep, results as res
+from realjax.config import demo_config_path
+from realjax.tools.study.design import DONE_FILE, PAPER_HPARAMS
+from realjax.tools.study.runs import StudyError, plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,28 +23,28 @@ REPO = Path(__file__).resolve().parents[1]
 # Statistics
 # ----------------------------------------------------------------------------------------------------
 def test_t_quantiles_and_interval():
-    assert rep.t95(1) == 12.706 and rep.t95(4) == 2.776 and rep.t95(30) == 2.042
-    assert rep.t95(35) == 2.042 and rep.t95(1000) == 1.960  # between entries: the smaller df (wider)
-    assert math.isnan(rep.t95(0))
-    mean, half, n = rep.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert res.t95(1) == 12.706 and res.t95(4) == 2.776 and res.t95(30) == 2.042
+    assert res.t95(35) == 2.042 and res.t95(1000) == 1.960  # between entries: the smaller df (wider)
+    assert math.isnan(res.t95(0))
+    mean, half, n = res.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     assert (mean, n) == (3.0, 5) and half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))
-    mean, half, n = rep.mean_ci([0.4, float("nan"), None])  # non-finite values are left out
+    mean, half, n = res.mean_ci([0.4, float("nan"), None])  # non-finite values are left out
     assert (mean, n) == (0.4, 1) and math.isnan(half)
-    assert rep.mean_ci([])[2] == 0
+    assert res.mean_ci([])[2] == 0
 
 
 def test_t_table_matches_scipy_where_available():
     stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 4, 9, 19, 29, 60, 120):
-        assert rep.t95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+        assert res.t95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
 
 
 def test_area_under_curve_and_threshold():
-    assert rep.area_under_curve([0, 5, 10], [0.0, 1.0, 1.0]) == pytest.approx(0.75)
-    assert rep.area_under_curve([0, 10], [0.2, 0.4]) == pytest.approx(0.3)
-    assert rep.area_under_curve([7], [0.3]) == 0.3
-    assert rep.steps_to_threshold([5, 10, 15], [0.1, 0.45, 0.5], 0.45) == 10
-    assert rep.steps_to_threshold([5, 10], [0.1, 0.2], 0.45) is None
+    assert res.area_under_curve([0, 5, 10], [0.0, 1.0, 1.0]) == pytest.approx(0.75)
+    assert res.area_under_curve([0, 10], [0.2, 0.4]) == pytest.approx(0.3)
+    assert res.area_under_curve([7], [0.3]) == 0.3
+    assert res.steps_to_threshold([5, 10, 15], [0.1, 0.45, 0.5], 0.45) == 10
+    assert res.steps_to_threshold([5, 10], [0.1, 0.2], 0.45) is None
 
 
 def _fake_run(root, loss, seed, evals, entropy, status="finished"):
@@ -65,16 +65,16 @@ def _fake_run(root, loss, seed, evals, entropy, status="finished"):
 def test_run_numbers_from_metrics(tmp_path):
     ent = [0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2]
     run = _fake_run(tmp_path, "real", 0, [(0, 0.30), (5, 0.35), (10, 0.45)], ent)
-    r = rep.load_run(run, "real", 0)
+    r = res.load_run(run, "real", 0)
     assert r.base == 0.30 and r.final == 0.45 and r.reached == 10 and not r.diverged
     assert r.auc == pytest.approx(((0.30 + 0.35) / 2 * 5 + (0.35 + 0.45) / 2 * 5) / 10)
-    assert r.final_entropy == pytest.approx(np.mean(ent[-rep.FINAL_WINDOW:]))
+    assert r.final_entropy == pytest.approx(np.mean(ent[-res.FINAL_WINDOW:]))
     assert r.final_length == pytest.approx(np.mean([26.0, 27, 28, 29, 30]))
-    collapsed = rep.load_run(_fake_run(tmp_path, "dapo", 0, [(0, 0.30), (10, 0.15)], ent), "dapo", 0)
+    collapsed = res.load_run(_fake_run(tmp_path, "dapo", 0, [(0, 0.30), (10, 0.15)], ent), "dapo", 0)
     assert collapsed.collapsed and collapsed.diverged and collapsed.reached is None
-    aborted = rep.load_run(_fake_run(tmp_path, "grpo", 0, [(0, 0.30)], ent[:3], status="diverged"), "grpo", 0)
+    aborted = res.load_run(_fake_run(tmp_path, "grpo", 0, [(0, 0.30)], ent[:3], status="diverged"), "grpo", 0)
     assert aborted.diverged and math.isnan(aborted.final)  # no final numbers: left out of the means
-    assert rep.load_run(tmp_path / "nothing", "gspo", 0).status == "missing"
+    assert res.load_run(tmp_path / "nothing", "gspo", 0).status == "missing"
 
 
 def test_paired_differences_table_and_findings(tmp_path):
@@ -83,11 +83,11 @@ def test_paired_differences_table_and_findings(tmp_path):
     for loss, values in finals.items():
         for seed, v in enumerate(values):
             run = _fake_run(tmp_path, loss, seed, [(0, 0.3), (10, v)], [0.2] * 10)
-            results.append(rep.load_run(run, loss, seed))
-    d = rep.paired(results)["grpo"]
+            results.append(res.load_run(run, loss, seed))
+    d = res.paired(results)["grpo"]
     assert d["diffs"] == pytest.approx({0: -0.10, 1: -0.11, 2: -0.13})
     assert d["mean"] == pytest.approx(-0.11333333) and d["n"] == 3
-    assert d["half"] == pytest.approx(rep.t95(2) * np.std([-0.10, -0.11, -0.13], ddof=1) / math.sqrt(3))
+    assert d["half"] == pytest.approx(res.t95(2) * np.std([-0.10, -0.11, -0.13], ddof=1) / math.sqrt(3))
     table = rep.results_table(results)
     assert "| real | 3/3 | 0.550 ± " in table and "| grpo | 3/3 | 0.437 ± " in table and "-0.113 ± " in table
     text = rep.findings(results)
@@ -95,7 +95,7 @@ def test_paired_differences_table_and_findings(tmp_path):
     assert text[1].startswith("grpo is lower than real on final pass@1 (paired over 3 seeds: -0.113")
     assert "0.500 | 0.550 | 0.600" in rep.per_seed_table(results)
     assert "| grpo | -0.100 | -0.110 | -0.130 | -0.113 ± " in rep.paired_table(results)
-    auc = rep.paired(results, "auc")["grpo"]  # AUC of [(0, 0.3), (10, v)] is (0.3 + v) / 2
+    auc = res.paired(results, "auc")["grpo"]  # AUC of [(0, 0.3), (10, v)] is (0.3 + v) / 2
     assert auc["mean"] == pytest.approx(-0.11333333 / 2)
 
 
@@ -120,7 +120,7 @@ def test_plan_gives_each_objective_the_papers_settings_and_one_budget(tmp_path):
     ([], ["reall"], "unknown objective"),
 ])
 def test_plan_refuses(tmp_path, overrides, losses, message):
-    with pytest.raises(CliError, match=message):
+    with pytest.raises(StudyError, match=message):
         plan(demo_config_path(), overrides, losses, 1, tmp_path)
 
 
@@ -178,8 +178,8 @@ def test_gradient_weights_table_next_to_pass_at_1(tmp_path):
                     row.update({f"grad_weight/{side}_{k}": scale * (row["step"] + seed) * (1 + (side == "neg"))
                                 for side in ("pos", "neg") for k in ("mean", "t1", "t2", "t3", "max")})
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            results.append(rep.load_run(run, loss, seed))
-    results.append(rep.load_run(_fake_run(tmp_path, "dapo", 0, [(0, 0.3), (3, 0.2)], [0.2] * 3), "dapo", 0))
+            results.append(res.load_run(run, loss, seed))
+    results.append(res.load_run(_fake_run(tmp_path, "dapo", 0, [(0, 0.3), (3, 0.2)], [0.2] * 3), "dapo", 0))
     table = rep.grad_weight_table(results)
     # real: steps 1..3 average 2, seeds 0 and 1 give 2 and 3, so 2.5 for pos and 5 for neg; grpo 3x.
     assert "| real | 0.450 | 2.5 | 2.5 | 2.5 | 2.5 | 2.5 | 5 | 5 | 5 | 5 | 5 |" in table

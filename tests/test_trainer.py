@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from realjax.checkpoint import Checkpointer
-from realjax.commands import demo_config_path
+from realjax.config import demo_config_path
 from realjax.config import ConfigError, load_config
 from realjax.losses import LOSSES
 from realjax.losses import TERMS
@@ -219,7 +219,7 @@ def test_demo_config_is_shipped_and_runs_from_any_directory(tmp_path, monkeypatc
     assert (REPO / "configs" / "demo.yaml").read_text() == demo_config_path().read_text()
     monkeypatch.chdir(tmp_path)
     cfg = load_config(demo_config_path())
-    from realjax.rl.components import model_path
+    from realjax.rl.setup import model_path
 
     assert (model_path(cfg) / "model.safetensors").exists()
     assert cfg.loss.name == "real" and cfg.loss.tau == 0.5

@@ -102,6 +102,27 @@ need_value() {
   if (($# < 2)) || [[ -z $2 || $2 == --* ]]; then usage_error "$1 needs a value"; fi
 }
 
+# The flags every gcloud-side script takes, parsed in one place. Inside the option loop:
+#   `common_flag "$@" && { shift "$CONSUMED"; continue; }`
+# It sets the caller's locals `name` and `zone` (bash functions see their caller's locals), the globals
+# PROJECT and DRY_RUN, and prints the caller's `usage` for --help.
+common_flag() {
+  case $1 in
+    --name) need_value "$@"; name=$2; CONSUMED=2 ;;
+    --zone) need_value "$@"; zone=$2; CONSUMED=2 ;;
+    --project) need_value "$@"; PROJECT=$2; CONSUMED=2 ;;
+    --dry-run) DRY_RUN=1; CONSUMED=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+# --name and --zone: required by every gcloud-side script, checked alike.
+require_name_zone() {
+  require --name "$name"; validate_name "$name"
+  require --zone "$zone"; validate_zone "$zone"
+}
+
 require() {  # require FLAG VALUE
   [[ -n $2 ]] || usage_error "$1 is required"
 }

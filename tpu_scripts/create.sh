@@ -47,11 +47,9 @@ main() {
   split_flag_values "$@"
   set -- "${ARGS[@]}"
   while (($#)); do
+    common_flag "$@" && { shift "$CONSUMED"; continue; }
     case $1 in
-      --name) need_value "$@"; name=$2; shift 2 ;;
-      --zone) need_value "$@"; zone=$2; shift 2 ;;
       --type) need_value "$@"; type=$2; shift 2 ;;
-      --project) need_value "$@"; PROJECT=$2; shift 2 ;;
       --runtime) need_value "$@"; runtime=$2; shift 2 ;;
       --timeout) need_value "$@"; timeout=$2; shift 2 ;;
       --poll) need_value "$@"; poll=$2; shift 2 ;;
@@ -63,13 +61,10 @@ main() {
       --best-effort) best_effort=1; shift ;;
       --reserved) reserved=1; shift ;;
       --wait) wait=1; shift ;;
-      --dry-run) DRY_RUN=1; shift ;;
-      -h | --help) usage; exit 0 ;;
       *) usage_error "unknown argument '$1'" ;;
     esac
   done
-  require --name "$name"; validate_name "$name"
-  require --zone "$zone"; validate_zone "$zone"
+  require_name_zone
   require --type "$type"
   type=$(normalize_accelerator "$type")
   validate_positive_int --timeout "$timeout"

@@ -48,23 +48,18 @@ main() {
   split_flag_values "$@"
   set -- "${ARGS[@]}"
   while (($#)); do
+    common_flag "$@" && { shift "$CONSUMED"; continue; }
     case $1 in
-      --name) need_value "$@"; name=$2; shift 2 ;;
-      --zone) need_value "$@"; zone=$2; shift 2 ;;
-      --project) need_value "$@"; PROJECT=$2; shift 2 ;;
       --config) need_value "$@"; config=$2; shift 2 ;;
       --type) need_value "$@"; type=$2; shift 2 ;;
       --compile-timeout) need_value "$@"; compile_timeout=$2; shift 2 ;;
       --compile-first) compile_first=1; shift ;;
-      --dry-run) DRY_RUN=1; shift ;;
-      -h | --help) usage; exit 0 ;;
       --) shift; overrides=("$@"); break ;;
       *=*) usage_error "'$1' looks like an override; put overrides after --" ;;
       *) usage_error "unknown argument '$1'" ;;
     esac
   done
-  require --name "$name"; validate_name "$name"
-  require --zone "$zone"; validate_zone "$zone"
+  require_name_zone
   require --config "$config"
   validate_positive_int --compile-timeout "$compile_timeout"
   local kv

@@ -29,20 +29,15 @@ main() {
   split_flag_values "$@"
   set -- "${ARGS[@]}"
   while (($#)); do
+    common_flag "$@" && { shift "$CONSUMED"; continue; }
     case $1 in
-      --name) need_value "$@"; name=$2; shift 2 ;;
-      --zone) need_value "$@"; zone=$2; shift 2 ;;
-      --project) need_value "$@"; PROJECT=$2; shift 2 ;;
       --worker) need_value "$@"; worker=$2; shift 2 ;;
       --lines) need_value "$@"; lines=$2; shift 2 ;;
       --follow) follow=1; shift ;;
-      --dry-run) DRY_RUN=1; shift ;;
-      -h | --help) usage; exit 0 ;;
       *) usage_error "unknown argument '$1'" ;;
     esac
   done
-  require --name "$name"; validate_name "$name"
-  require --zone "$zone"; validate_zone "$zone"
+  require_name_zone
   validate_worker "$worker"
   validate_positive_int --lines "$lines"
   local remote="tail -n $lines"

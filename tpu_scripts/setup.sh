@@ -73,10 +73,8 @@ main() {
   split_flag_values "$@"
   set -- "${ARGS[@]}"
   while (($#)); do
+    common_flag "$@" && { shift "$CONSUMED"; continue; }
     case $1 in
-      --name) need_value "$@"; name=$2; shift 2 ;;
-      --zone) need_value "$@"; zone=$2; shift 2 ;;
-      --project) need_value "$@"; PROJECT=$2; shift 2 ;;
       --repo) need_value "$@"; repo=$2; shift 2 ;;
       --ref) need_value "$@"; ref=$2; shift 2 ;;
       --data) need_value "$@"; data=$2; shift 2 ;;
@@ -84,13 +82,10 @@ main() {
       --output) need_value "$@"; output=$2; shift 2 ;;
       --python) need_value "$@"; python=$2; shift 2 ;;
       --no-constraints) no_constraints=1; shift ;;
-      --dry-run) DRY_RUN=1; shift ;;
-      -h | --help) usage; exit 0 ;;
       *) usage_error "unknown argument '$1'" ;;
     esac
   done
-  require --name "$name"; validate_name "$name"
-  require --zone "$zone"; validate_zone "$zone"
+  require_name_zone
   [[ -z $python || $python =~ ^[0-9]+\.[0-9]+$ ]] ||
     usage_error "--python takes a version such as 3.11, got '$python'"
   [[ -n $repo ]] || repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

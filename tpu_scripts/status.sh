@@ -31,17 +31,13 @@ main() {
   split_flag_values "$@"
   set -- "${ARGS[@]}"
   while (($#)); do
+    common_flag "$@" && { shift "$CONSUMED"; continue; }
     case $1 in
-      --name) need_value "$@"; name=$2; shift 2 ;;
-      --zone) need_value "$@"; zone=$2; shift 2 ;;
-      --project) need_value "$@"; PROJECT=$2; shift 2 ;;
       --timeout) need_value "$@"; timeout=$2; shift 2 ;;
       --poll) need_value "$@"; poll=$2; shift 2 ;;
       --queued) queued=1; shift ;;
       --wait) wait=1; shift ;;
       --training) training=1; shift ;;
-      --dry-run) DRY_RUN=1; shift ;;
-      -h | --help) usage; exit 0 ;;
       *) usage_error "unknown argument '$1'" ;;
     esac
   done

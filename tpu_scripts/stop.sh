@@ -30,19 +30,14 @@ main() {
   split_flag_values "$@"
   set -- "${ARGS[@]}"
   while (($#)); do
+    common_flag "$@" && { shift "$CONSUMED"; continue; }
     case $1 in
-      --name) need_value "$@"; name=$2; shift 2 ;;
-      --zone) need_value "$@"; zone=$2; shift 2 ;;
-      --project) need_value "$@"; PROJECT=$2; shift 2 ;;
       --timeout) need_value "$@"; timeout=$2; shift 2 ;;
       --kill) force=1; shift ;;
-      --dry-run) DRY_RUN=1; shift ;;
-      -h | --help) usage; exit 0 ;;
       *) usage_error "unknown argument '$1'" ;;
     esac
   done
-  require --name "$name"; validate_name "$name"
-  require --zone "$zone"; validate_zone "$zone"
+  require_name_zone
   validate_positive_int --timeout "$timeout"
   local -a stop=(stop --timeout "$timeout")
   ((force)) && stop+=(--kill)

@@ -1,14 +1,23 @@
 """Prompts: templating and tokenizing, length buckets and left padding, and the shuffled, resumable stream
-of training batches (see ``realjax.data`` for the row schema)."""
+of training batches (the row schema: ``realjax.data.sources``).
+
+``render_prompts`` adds ``"prompt_text"`` (str) and ``"prompt_ids"`` (int32 ndarray) to each row, counting
+the rows it drops (too long, broken template) in the source's ``DataReport``.
+
+verl shuffles with a torch generator seeded once; our order is a pure function of (seed, epoch), so a
+resumed run replays exactly the same batches from two saved ints.
+"""
 
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
 import numpy as np
+from jinja2 import TemplateError
 
 from realjax.data.report import DataError, DataReport
 from realjax.data.sources import Row
+
 
 # ----------------------------------------------------------------------------------------------------
 # Prompts
@@ -39,7 +48,6 @@ def render_prompts(rows: Sequence[Row], tokenizer, *, max_prompt_tokens: int, ch
         raise ValueError(f"max_prompt_tokens must be positive, got {max_prompt_tokens}")
     if chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; render with chat_template=False")
-    from jinja2 import TemplateError
 
     stage = DataReport(source=report.source if report else "prompts", total=len(rows),
                        max_prompt_tokens=max_prompt_tokens, limit_key=limit_key)

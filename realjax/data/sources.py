@@ -1,4 +1,5 @@
-"""Prompt data: load rows, normalise them, render prompts, and stream shuffled batches.
+"""Prompt data sources: read rows from files, directories, the hub or a generator, and normalise them
+to one schema (rendering and batching them is ``realjax.data.prompts``).
 
 A *spec* names a data source (``data.train``; comma-separated for ``data.eval``):
 
@@ -22,15 +23,12 @@ list; a string is one user turn), ``messages``, ``problem`` or ``question``; the
 ``solution`` (verbatim: the verifier reduces a ``\\boxed{}`` ground truth to its content). Numbers
 become exact strings (``2025``, AMC's ``142.0`` -> ``"142"``, ``0.5`` -> ``"0.5"``).
 
-``render_prompts`` adds ``"prompt_text"`` (str) and ``"prompt_ids"`` (int32 ndarray). Rows that cannot
-be used are never dropped silently: each drop is counted by reason in a ``DataReport``, which callers log
-and ``check`` against ``max_bad_fraction``.
+Rows that cannot be used are never dropped silently: each drop is counted by reason in a ``DataReport``
+(``realjax.data.report``), which callers log and ``check`` against ``max_bad_fraction``.
 
 Departures from the paper's pipeline (verl), all deliberate:
 
 * verl filters prompts longer than ``max_prompt_length`` (1024) without a count; we count them.
-* verl shuffles with a torch generator seeded once; our order is a pure function of (seed, epoch), so
-  a resumed run replays exactly the same batches from two saved ints.
 * Bare ``problem`` / ``question`` fields get the paper's instruction appended (``PAPER_INSTRUCTION``);
   verl parquet prompts already carry it and are used verbatim.
 """
@@ -48,8 +46,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from realjax.data.report import ANSWER_FIELDS, PROMPT_FIELDS, DataError, DataReport, MalformedRow
+from realjax.rewards.synthetic import generate_rows
 
 Row = dict[str, Any]
 
@@ -185,9 +186,6 @@ def _read_jsonl(path: Path) -> Iterable[Any]:
 
 
 def _read_parquet(path: Path) -> list[Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         return pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as e:  # empty, truncated, or not parquet at all
@@ -231,7 +229,7 @@ def _pick_split(splits: Mapping, split: str | None, where: str):
 
 def _read_dir(path: Path, split: str | None) -> Iterable[Any]:
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        import datasets
+        import datasets  # lazy: 3 s to import, and only save_to_disk directories need it
 
         try:
             loaded = datasets.load_from_disk(str(path))
@@ -288,7 +286,7 @@ def _read_hub(name: str, split: str | None) -> Iterable[Any]:
     offline = _offline_var()
     if offline is None and not _hub_reachable():
         raise DataError(f"hub dataset {name!r}: the hub is unreachable (no network?); {hint}")
-    import datasets
+    import datasets  # lazy: 3 s to import, and it reads HF_DATASETS_OFFLINE / HF_HUB_OFFLINE when imported
 
     if offline is not None and not datasets.config.HF_HUB_OFFLINE:
         # The variable was set after `datasets` was imported, which would ignore it and go online.
@@ -315,7 +313,6 @@ def _synthetic(spec: str) -> list[Row]:
             params[key] = int(value)
         except ValueError:
             raise DataError(f"{spec!r}: parameter {key}={value!r} is not an integer") from None
-    from realjax.rewards.synthetic import generate_rows  # lazy: rewards pulls in the verifier
 
     n = params.pop("n")
     return generate_rows(n, **params)

@@ -9,12 +9,30 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 FAMILIES = ("qwen2", "qwen3", "llama")
 REMAT = ("none", "full", "dots")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter may sit on
 _ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def check_remat(name: str) -> str:
+    if name not in REMAT:
+        raise ValueError(f"must be one of {', '.join(REMAT)}, got {name!r}")
+    return name
+
+
+def check_dtype(name: str, *, auto: bool = False) -> str:
+    """A dtype name the model takes (``auto``, resolved per backend, where ``auto`` is allowed)."""
+    if auto and name == "auto":
+        return name
+    try:
+        jnp.dtype(name)
+    except TypeError:
+        raise ValueError(f"unknown dtype {name!r} (float32, bfloat16{', auto' if auto else ''})") from None
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,17 +62,20 @@ class LoraConfig:
 
     def __post_init__(self):
         if self.rank < 1:
-            raise ValueError(f"lora rank must be >= 1, got {self.rank}")
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:
-            raise ValueError(f"lora alpha must be > 0, got {self.alpha}")
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
-        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"lora targets must be distinct names among {', '.join(LORA_TARGETS)}, "
-                             f"got {', '.join(self.targets) or 'none'}")
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            why = f"unknown projection {bad[0]!r}" if bad else "none given" if not self.targets else "a name repeats"
+            raise ValueError(f"targets: {why}; a comma-separated subset of {','.join(LORA_TARGETS)}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.base_dtype:
-            jnp.dtype(self.base_dtype)  # raises on a bad name
+            try:
+                check_dtype(self.base_dtype)
+            except ValueError as e:
+                raise ValueError(f"base_dtype: {e}") from None
 
     @property
     def scale(self) -> float:
@@ -99,10 +120,9 @@ class ModelConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.remat not in REMAT:
-            raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
-        for name in ("param_dtype", "dtype"):
-            jnp.dtype(getattr(self, name))  # raises on a bad name
+        check_remat(self.remat)
+        check_dtype(self.param_dtype)
+        check_dtype(self.dtype)
 
     @property
     def attention_bias(self) -> bool:
@@ -275,7 +295,5 @@ def preset(name: str, **overrides) -> ModelConfig:
 def resolve_dtype(name: str) -> str:
     """``auto`` is float32 on CPU (bf16 matmuls are slow there) and bfloat16 on accelerators."""
     if name == "auto":
-        import jax
-
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return jnp.dtype(name).name

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from realjax import sharding as shd
 from realjax.models import lora as lora_lib
@@ -225,14 +226,6 @@ def from_pretrained(path, dtype=jnp.float32, mesh=None, *, compute_dtype=None, r
     return model
 
 
-def _host_array(x) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def save_pretrained(model: Transformer, out_dir, *, dtype=None, max_shard_bytes: int = 5 * 2**30,
                     tokenizer_from: str | os.PathLike | None = None) -> Path:
     """Write ``config.json`` + safetensors (+ the source's tokenizer files) that transformers loads.
@@ -257,7 +250,7 @@ def save_pretrained(model: Transformer, out_dir, *, dtype=None, max_shard_bytes:
     for m in tensor_maps(cfg):
         var = state[m.path]
         hf_shape = m.to_hf(np.empty(var.get_value().shape, np.int8)).shape
-        entries.append((m.hf_name, hf_shape, save_dt, lambda m=m, var=var: m.to_hf(_host_array(var.get_value()))))
+        entries.append((m.hf_name, hf_shape, save_dt, lambda m=m, var=var: m.to_hf(shd.to_host(var.get_value()))))
     writer = jax.process_index() == 0
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,8 +289,6 @@ def save_pretrained(model: Transformer, out_dir, *, dtype=None, max_shard_bytes:
 
 def load_tokenizer(path):
     """The HF tokenizer saved in a model directory, with a clear error when there is none."""
-    from transformers import AutoTokenizer
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
@@ -308,8 +299,6 @@ def load_tokenizer(path):
     if cls in ("PreTrainedTokenizerFast", "TokenizersBackend"):
         # A plain tokenizer.json: load it as written. AutoTokenizer would pick the model family's class
         # from config.json (Qwen2Tokenizer), whose own pre-tokenizer replaces the saved one.
-        from transformers import PreTrainedTokenizerFast
-
         tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     else:
         tok = AutoTokenizer.from_pretrained(str(path))

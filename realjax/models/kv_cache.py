@@ -15,6 +15,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from realjax.sharding import named
+
 # [B, K, S, H]: each kv head's keys are one contiguous [S, H] matrix, the layout the attention dot reads.
 # XLA cannot relayout a jitted program's arguments, so with [B, S, K, H] the TPU compiler copied the
 # whole cache into that layout on entry to the decode loop and back on exit (temp = the cache's size).
@@ -62,8 +64,6 @@ class KVCache:
 
     def shardings(self, mesh, rules) -> "KVCache":
         """NamedShardings for every leaf, from the logical axes (``CACHE_AXES``) and the rules table."""
-        from realjax.sharding import named
-
         kv = lambda x: named(CACHE_AXES, x.shape, mesh, rules)
         return self.replace(k=tuple(map(kv, self.k)), v=tuple(map(kv, self.v)),
                             mask=named(("batch", "cache_length"), self.mask.shape, mesh, rules),

@@ -50,8 +50,8 @@ def token_logprobs(model, h_BTD, targets_BT, *, temperature: float = 1.0, chunk_
         return chunk(h_BTD, targets_BT)
     # Several chunks: keep only each chunk's inputs for the backward pass, never its logits.
     pad = n * c - T
-    h_NBcD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)
-    t_NBc = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)
-    logp_NBc, ent_NBc = jax.lax.map(lambda xs: jax.checkpoint(chunk)(*xs), (h_NBcD, t_NBc))
+    h_MBcD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)
+    t_MBc = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)
+    logp_MBc, ent_MBc = jax.lax.map(lambda xs: jax.checkpoint(chunk)(*xs), (h_MBcD, t_MBc))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :T]
-    return unchunk(logp_NBc), unchunk(ent_NBc)
+    return unchunk(logp_MBc), unchunk(ent_MBc)

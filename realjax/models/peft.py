@@ -19,17 +19,10 @@ from flax import nnx
 
 from realjax.models import lora as lora_lib
 from realjax.models.hf import tensor_maps, write_safetensors
+from realjax.sharding import to_host
 
 _MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
             "down": "down_proj"}
-
-
-def _host(x) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def save_peft_adapters(model, out_dir, *, base_model: str = "") -> Path:
@@ -51,9 +44,9 @@ def save_peft_adapters(model, out_dir, *, base_model: str = "") -> Path:
         prefix = "base_model.model." + m.hf_name.removesuffix(".weight")
         r = cfg.lora.rank
         entries.append((prefix + ".lora_A.weight", (r, math.prod(a.shape[:-1])), np.dtype(np.float32),
-                        lambda a=a: _host(a).reshape(-1, r).T.astype(np.float32)))
+                        lambda a=a: to_host(a).reshape(-1, r).T.astype(np.float32)))
         entries.append((prefix + ".lora_B.weight", (math.prod(b.shape[1:]), r), np.dtype(np.float32),
-                        lambda b=b: _host(b).reshape(r, -1).T.astype(np.float32)))
+                        lambda b=b: to_host(b).reshape(r, -1).T.astype(np.float32)))
     out_dir = Path(out_dir)
     if jax.process_index() != 0:
         for *_, produce in entries:

@@ -146,7 +146,7 @@ def _wrap(s: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _latex_only_config():
-    from math_verify import LatexExtractionConfig
+    from math_verify import LatexExtractionConfig  # lazy: math_verify pulls in sympy (seconds), only the verifier's slow path needs it
 
     return [LatexExtractionConfig(boxed_match_priority=0)]
 
@@ -155,7 +155,7 @@ def _latex_only_config():
 def _parse(s: str, timeout_s: int):
     """math-verify parse of one answer; cached because a group's G completions share one ground
     truth and, often, one answer."""
-    from math_verify import parse
+    from math_verify import parse  # lazy: as above
 
     return parse(_wrap(s), extraction_config=_latex_only_config(), parsing_timeout=timeout_s)
 
@@ -191,7 +191,7 @@ def verify_equivalent(pred: str, golds: Sequence[str], *, timeout_s: int = 5) ->
       golds: acceptable answers (``ground_truth_answers``).
       timeout_s: math-verify's own per-parse / per-comparison alarm, whole seconds (>= 1).
     """
-    from math_verify import verify
+    from math_verify import verify  # lazy: as above
 
     timeout_s = max(1, int(timeout_s))
     parsed_pred = _parse(pred, timeout_s)

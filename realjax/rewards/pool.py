@@ -308,7 +308,6 @@ class VerifierPool:
                 self._fail_current(w, results, pending, "timeouts")
 
 
-MathVerifier = VerifierPool
 
 # -------------------------------------------------------------------------------- module-level default
 

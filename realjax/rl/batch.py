@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -58,8 +59,6 @@ class UpdateBatch:
              sharding=None, with_sampler: bool = False) -> "UpdateBatch":
         """The abstract batch (``jax.ShapeDtypeStruct`` leaves) with leading dims ``lead``; ``sharding``
         maps a shape to the leaf's sharding (AOT compiles)."""
-        import jax.numpy as jnp
-
         def leaf(tail, dtype):
             shape = tuple(lead) + tail
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(shape) if sharding else None)

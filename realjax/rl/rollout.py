@@ -19,9 +19,10 @@ import numpy as np
 
 from realjax import sharding as shd
 from realjax.data import batch_prompts, bucket_length
+from realjax.losses import mixed_groups
+from realjax.rewards.custom import RewardFn
 from realjax.sampling import Engine, Sampler
 
-RewardFn = Callable[[list[str], list[dict]], list[float]]
 
 
 @dataclasses.dataclass
@@ -57,10 +58,8 @@ def concat_rollouts(parts: list[Rollouts]) -> Rollouts:
                     prompt_mask=np.concatenate([left(p.prompt_mask, tp) for p in parts]), **fields)
 
 
-def mixed_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
-    """Boolean [P]: the group's rewards are not all equal (it carries a learning signal)."""
-    r = rewards.reshape(-1, group_size)
-    return r.max(-1) > r.min(-1)
+def _mixed(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    return np.asarray(mixed_groups(rewards, group_size))
 
 
 class RolloutCollector:
@@ -123,17 +122,17 @@ class RolloutCollector:
         if not dynamic:
             return batch, stats
         want = batch.rows // self.group_size
-        kept = [batch.select_groups(np.flatnonzero(mixed_groups(batch.rewards, self.group_size)), self.group_size)]
+        kept = [batch.select_groups(np.flatnonzero(_mixed(batch.rewards, self.group_size)), self.group_size)]
         last = batch
         rounds = 1
         while sum(k.rows for k in kept) // self.group_size < want and rounds < max_rounds:
             last = self.one_round(graphdef, params, next_rows(), jax.random.fold_in(key, 1000 + rounds))
-            kept.append(last.select_groups(np.flatnonzero(mixed_groups(last.rewards, self.group_size)),
+            kept.append(last.select_groups(np.flatnonzero(_mixed(last.rewards, self.group_size)),
                                            self.group_size))
             rounds += 1
         have = sum(k.rows for k in kept) // self.group_size
         if have < want:  # keep the shape fixed: fill with the last round's degenerate groups (zero loss)
-            dead = np.flatnonzero(~mixed_groups(last.rewards, self.group_size))[: want - have]
+            dead = np.flatnonzero(~_mixed(last.rewards, self.group_size))[: want - have]
             kept.append(last.select_groups(dead, self.group_size))
         merged = concat_rollouts([k for k in kept if k.rows])
         merged = merged.select_groups(np.arange(want), self.group_size)

@@ -31,14 +31,17 @@ from realjax import sharding as shd
 from realjax.checkpoint import Checkpointer, base_identity, check_base
 from realjax.config import Config, to_dict
 from realjax.data import PromptStream
+from realjax.evaluate import evaluate
 from realjax.is_correction import is_metrics, is_weights
 from realjax.metrics import MetricsWriter
 from realjax.models import (abstract_model, from_pretrained, init_model, load_tokenizer, preset, save_pretrained,
                             stop_token_ids)
 from realjax.models import lora as lora_lib
+from realjax.models.char_tokenizer import char_tokenizer
 from realjax.models.config import resolve_dtype
+from realjax.plots import plot_run
 from realjax.preemption import STOP
-from realjax.rl import components
+from realjax.rl import setup
 from realjax.rl.batch import TrainState, UpdateBatch
 from realjax.rl.plan import make_plan
 from realjax.rl.rollout import RolloutCollector, Rollouts
@@ -54,12 +57,12 @@ class Trainer:
     """Everything one run needs, built from a ``Config``; ``run()`` trains and returns a summary."""
 
     def __init__(self, cfg: Config):
-        components.init_distributed(cfg)
+        setup.init_distributed(cfg)
         self.cfg, self.t_start = cfg, time.perf_counter()
         self.main = jax.process_index() == 0
         self.run_dir = cfg.run_dir
         self.mesh = shd.make_mesh(cfg.mesh)
-        self.model_path = components.model_path(cfg)
+        self.model_path = setup.model_path(cfg)
         self.tokenizer, model = self._load_model()
         self.model_cfg = model.cfg
         self.graphdef, state = nnx.split(model)
@@ -86,7 +89,6 @@ class Trainer:
     def _load_model(self):
         cfg, dtype = self.cfg, resolve_dtype(self.cfg.model.dtype)
         if self.model_path is None:  # random weights of a preset, with the character tokenizer (device checks)
-            from realjax.tiny import char_tokenizer
 
             arch = preset(cfg.model.preset, param_dtype=cfg.model.param_dtype, dtype=dtype, remat=cfg.model.remat,
                           lora=cfg.model.lora.model_config())
@@ -98,8 +100,8 @@ class Trainer:
 
     def _build_data(self):
         cfg = self.cfg
-        self.train_rows, report = components.training_rows(cfg, self.tokenizer)
-        self.eval_data, notes = components.eval_sets(cfg, self.tokenizer, self.train_rows)
+        self.train_rows, report = setup.training_rows(cfg, self.tokenizer)
+        self.eval_data, notes = setup.eval_sets(cfg, self.tokenizer, self.train_rows)
         self.data_notes = [report.summary(), *notes]
         self.data_notes += [f"loss.{k} is not a hyperparameter of {cfg.loss.name}: ignored" for k in cfg.loss.ignored()]
         self.stream = PromptStream(self.train_rows, seed=cfg.seed, process_index=jax.process_index(),
@@ -122,7 +124,7 @@ class Trainer:
 
     def _build_rollout(self):
         cfg, r = self.cfg, self.cfg.rollout
-        self.reward_fn, self.verifier, self.pool = components.build_reward_fn(cfg)
+        self.reward_fn, self.verifier, self.pool = setup.build_reward_fn(cfg)
         self.eval_sampling = self.plan.eval_sampling
         # Rollouts decode only live rows (continuous batching); evaluation keeps the static sampler.
         self.sampler = Engine(self.plan.sampling, pad_id=self.tokenizer.pad_token_id, slots=r.slots,
@@ -272,8 +274,6 @@ class Trainer:
 
     # -- evaluation, logging, checkpoints --------------------------------------------------------------
     def _evaluate(self, step: int) -> dict:
-        from realjax.evaluate import evaluate
-
         t0 = time.perf_counter()
         model = nnx.merge(self.rollout_graphdef, self._rollout_view(self.params, self.state.frozen))
         e = self.cfg.eval
@@ -342,8 +342,6 @@ class Trainer:
                                      tokenizer_from=self.model_path)
         plots = None
         if self.main:
-            from realjax.plots import plot_run
-
             plots = plot_run(self.run_dir)
         wall = time.perf_counter() - self.t_start
         # steps / total_wall_time_s: the whole run; steps_run / wall_time_s: this invocation only.

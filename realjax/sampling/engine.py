@@ -77,8 +77,8 @@ class Slots:
 class Results:
     """What the rows produced, by row: written by the slot holding the row."""
 
-    tokens_BN: jax.Array  # int32, pad after a row's end
-    logprobs_BN: jax.Array  # fp32, 0 after a row's end
+    tokens_BA: jax.Array  # int32, pad after a row's end
+    logprobs_BA: jax.Array  # fp32, 0 after a row's end
     length_B: jax.Array  # int32
     finished_B: jax.Array  # bool: ended on a stop id
 
@@ -181,8 +181,8 @@ class Engine:
             started, ends = ends, shd.to_host(slots.cache.end).astype(np.int64)
             self.stats.chunks.append((live.size, window, int((ends - started)[live].max())))
             live = ~shd.to_host(slots.done_B)
-        mask_BN = (jnp.arange(N)[None, :] < res.length_B[:, None]).astype(jnp.float32)
-        return SampleOutput(tokens=res.tokens_BN, mask=mask_BN, logprobs=res.logprobs_BN * mask_BN,
+        mask_BA = (jnp.arange(N)[None, :] < res.length_B[:, None]).astype(jnp.float32)
+        return SampleOutput(tokens=res.tokens_BA, mask=mask_BA, logprobs=res.logprobs_BA * mask_BA,
                             lengths=res.length_B, finished=res.finished_B)
 
     @staticmethod
@@ -212,8 +212,8 @@ class Engine:
         slots = Slots(row_B=ints + rows, step_B=ints, last_B=ints, prompt_len_B=ints, budget_B=ints,
                       done_B=jnp.ones((B,), bool), keys_B=keys, cache=self._constrain(cache))
         N = S - prompts.mask_PT.shape[1]
-        res = Results(tokens_BN=jnp.full((rows, N), self.pad_id, jnp.int32),
-                      logprobs_BN=jnp.zeros((rows, N), jnp.float32), length_B=jnp.zeros((rows,), jnp.int32),
+        res = Results(tokens_BA=jnp.full((rows, N), self.pad_id, jnp.int32),
+                      logprobs_BA=jnp.zeros((rows, N), jnp.float32), length_B=jnp.zeros((rows,), jnp.int32),
                       finished_B=jnp.zeros((rows,), bool))
         return slots, res
 
@@ -239,8 +239,8 @@ class Engine:
                       budget_B=put(slots.budget_B, budget_J), done_B=put(slots.done_B, stop_J | (budget_J <= 1)),
                       keys_B=put(slots.keys_B, keys_J), cache=self._constrain(cache))
         at_row = lambda x, u: x.at[row_J].set(u, mode="drop")  # padding rows are ``rows``: dropped
-        res = Results(tokens_BN=res.tokens_BN.at[row_J, 0].set(token_J, mode="drop"),
-                      logprobs_BN=res.logprobs_BN.at[row_J, 0].set(logp_J, mode="drop"),
+        res = Results(tokens_BA=res.tokens_BA.at[row_J, 0].set(token_J, mode="drop"),
+                      logprobs_BA=res.logprobs_BA.at[row_J, 0].set(logp_J, mode="drop"),
                       length_B=at_row(res.length_B, jnp.ones_like(row_J)), finished_B=at_row(res.finished_B, stop_J))
         return slots, res
 
@@ -264,8 +264,8 @@ class Engine:
             stop_B = stop_mask(token_B, cfg.stop_ids)
             row_B = jnp.where(s.done_B, rows, s.row_B)  # a free slot writes nowhere
             step_B = s.step_B + (~s.done_B).astype(jnp.int32)
-            r = Results(tokens_BN=r.tokens_BN.at[row_B, s.step_B].set(token_B, mode="drop"),
-                        logprobs_BN=r.logprobs_BN.at[row_B, s.step_B].set(logp_B, mode="drop"),
+            r = Results(tokens_BA=r.tokens_BA.at[row_B, s.step_B].set(token_B, mode="drop"),
+                        logprobs_BA=r.logprobs_BA.at[row_B, s.step_B].set(logp_B, mode="drop"),
                         length_B=r.length_B.at[row_B].set(step_B, mode="drop"),
                         finished_B=r.finished_B.at[row_B].set(stop_B, mode="drop"))
             done_B = s.done_B | stop_B | (step_B >= jnp.minimum(s.budget_B, cfg.max_new_tokens))

@@ -34,8 +34,8 @@ from realjax.sampling.strategies import SamplingConfig, choose
 @flax.struct.dataclass
 class DecodeState:
     step: jax.Array  # int32 []: tokens generated so far (the index of the next one)
-    tokens_BN: jax.Array  # int32, pad after a row's end
-    logprobs_BN: jax.Array  # fp32, 0 after a row's end
+    tokens_BA: jax.Array  # int32, pad after a row's end
+    logprobs_BA: jax.Array  # fp32, 0 after a row's end
     length_B: jax.Array  # int32: tokens generated per row, the stop token included
     done_B: jax.Array  # bool: the row has emitted a stop id
     last_B: jax.Array  # int32: the token to feed next
@@ -109,7 +109,7 @@ class Sampler:
 
     def windows(self, ds: DecodeState) -> tuple[int, ...]:
         """The cache windows ``decode`` runs through for this state's shapes."""
-        return decode_windows(ds.cache.length - ds.tokens_BN.shape[1], ds.tokens_BN.shape[1], self.cfg.window_tokens)
+        return decode_windows(ds.cache.length - ds.tokens_BA.shape[1], ds.tokens_BA.shape[1], self.cfg.window_tokens)
 
     @staticmethod
     def with_window(ds: DecodeState, window: int) -> DecodeState:
@@ -135,8 +135,8 @@ class Sampler:
         token_B, logp_B = choose(logits_PV, step_keys(row_keys, 0), cfg)
         return DecodeState(
             step=jnp.ones((), jnp.int32),
-            tokens_BN=jnp.full((B, N), self.pad_id, jnp.int32).at[:, 0].set(token_B),
-            logprobs_BN=jnp.zeros((B, N), jnp.float32).at[:, 0].set(logp_B),
+            tokens_BA=jnp.full((B, N), self.pad_id, jnp.int32).at[:, 0].set(token_B),
+            logprobs_BA=jnp.zeros((B, N), jnp.float32).at[:, 0].set(logp_B),
             length_B=jnp.ones((B,), jnp.int32), done_B=stop_mask(token_B, cfg.stop_ids), last_B=token_B,
             prompt_len_B=prompt_len_B, row_keys=row_keys, budget_B=jnp.full((B,), N, jnp.int32), cache=cache)
 
@@ -158,8 +158,8 @@ class Sampler:
             length_B = ds.length_B + (~ds.done_B).astype(jnp.int32)
             return ds.replace(
                 step=ds.step + 1,
-                tokens_BN=jax.lax.dynamic_update_slice(ds.tokens_BN, token_B[:, None], at),
-                logprobs_BN=jax.lax.dynamic_update_slice(ds.logprobs_BN, logp_B[:, None], at),
+                tokens_BA=jax.lax.dynamic_update_slice(ds.tokens_BA, token_B[:, None], at),
+                logprobs_BA=jax.lax.dynamic_update_slice(ds.logprobs_BA, logp_B[:, None], at),
                 length_B=length_B, done_B=ds.done_B | stop_mask(token_B, cfg.stop_ids) | (length_B >= ds.budget_B),
                 last_B=token_B, cache=cache)
 
@@ -167,11 +167,11 @@ class Sampler:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def finish(self, ds: DecodeState) -> SampleOutput:
-        N = ds.tokens_BN.shape[1]
-        mask_BN = (jnp.arange(N)[None, :] < ds.length_B[:, None]).astype(jnp.float32)
+        N = ds.tokens_BA.shape[1]
+        mask_BA = (jnp.arange(N)[None, :] < ds.length_B[:, None]).astype(jnp.float32)
         # A row is finished when it ended on a stop id: its last token is one.
-        last_B = jnp.take_along_axis(ds.tokens_BN, jnp.maximum(ds.length_B - 1, 0)[:, None], axis=1)[:, 0]
-        return SampleOutput(tokens=ds.tokens_BN, mask=mask_BN, logprobs=ds.logprobs_BN * mask_BN,
+        last_B = jnp.take_along_axis(ds.tokens_BA, jnp.maximum(ds.length_B - 1, 0)[:, None], axis=1)[:, 0]
+        return SampleOutput(tokens=ds.tokens_BA, mask=mask_BA, logprobs=ds.logprobs_BA * mask_BA,
                             lengths=ds.length_B, finished=ds.done_B & stop_mask(last_B, self.cfg.stop_ids))
 
     def _constrain(self, cache: KVCache) -> KVCache:

@@ -1,6 +1,6 @@
 """The embedded demo's model: how ``realjax/assets/demo/`` is built, reproducibly.
 
-``python -m realjax.demo --out realjax/assets/demo`` trains a tiny Qwen2-architecture model (character
+``realjax build-demo --out realjax/assets/demo`` trains a tiny Qwen2-architecture model (character
 tokenizer, ~0.8M parameters) with a short supervised warm start on worked solutions of the synthetic
 arithmetic task, and stops early -- while its sampled pass@1 is still low -- so that RL has something to
 do. The warm start never sees the demo's held-out evaluation problems. Same command, same bytes (CPU,
@@ -9,7 +9,6 @@ fixed seeds).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -20,8 +19,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from realjax.data import load_rows, prompt_text
 from realjax.models import ModelConfig, init_model, save_pretrained
-from realjax.tiny import EOS, char_tokenizer
+from realjax.models.char_tokenizer import EOS, char_tokenizer
+from realjax.rewards import generate_rows
 
 # The demo's data specs (configs/demo.yaml uses the same): RL prompts, held-out evaluation problems, and
 # the warm start's own problems (another seed, evaluation prompts removed).
@@ -45,9 +46,6 @@ def slipped(solution: str) -> str:
 def _examples(tokenizer, n: int, seed: int, exclude: set[str], slip: float):
     """Token ids and loss masks of (prompt, worked solution + EOS) pairs, right-padded to one length;
     a ``slip`` fraction of the multi-step solutions box their first intermediate result."""
-    from realjax.data import prompt_text
-    from realjax.rewards import generate_rows
-
     rows = [r for r in generate_rows(n, seed=seed, min_ops=1, max_ops=3, max_value=9)
             if r["messages"][0]["content"] not in exclude]
     rng = np.random.default_rng(seed)
@@ -72,8 +70,6 @@ def warm_start(steps: int, *, slip: float = 0.4, schedule_steps: int = 1200, bat
                seed: int = 0, log_every: int = 50):
     """Supervised next-token training on worked solutions, stopped after ``steps`` of a warmup-cosine
     schedule that would run ``schedule_steps``; returns (model, tokenizer)."""
-    from realjax.data import load_rows
-
     tok = char_tokenizer()
     held_out = {r["messages"][0]["content"] for r in load_rows(EVAL_SPEC)[0]}
     ids, loss_mask = _examples(tok, 40000, WARM_START_SEED, held_out, slip)
@@ -103,6 +99,7 @@ def warm_start(steps: int, *, slip: float = 0.4, schedule_steps: int = 1200, bat
 
 
 def build(out: Path, steps: int) -> dict:
+    """Warm-start the demo model and write it, its tokenizer and ``build_info.json`` to ``out``."""
     t0 = time.perf_counter()
     model, tok = warm_start(steps)
     tok_dir = out / "_tokenizer"
@@ -113,21 +110,7 @@ def build(out: Path, steps: int) -> dict:
     tok_dir.rmdir()
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}, indent=2))
-    info = {"command": f"python -m realjax.demo --out {out} --steps {steps}", "warm_start_steps": steps,
+    info = {"command": f"realjax build-demo --out {out} --steps {steps}", "warm_start_steps": steps,
             "seconds": round(time.perf_counter() - t0, 1), "parameters": model.cfg.num_params()}
     (out / "build_info.json").write_text(json.dumps(info, indent=2))
     return info
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(Path(__file__).parent / "assets" / "demo"))
-    p.add_argument("--steps", type=int, default=500, help="warm-start steps (fewer: a weaker starting policy)")
-    args = p.parse_args(argv)
-    jax.config.update("jax_default_matmul_precision", "highest")
-    print(json.dumps(build(Path(args.out), args.steps), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

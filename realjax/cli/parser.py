@@ -1,42 +1,27 @@
-"""The ``realjax`` command (also ``python -m realjax``): one sub-command per job, imported lazily so that
-``realjax --help`` answers without initialising JAX."""
+"""Every argument of every ``realjax`` sub-command, in one place. Only argparse here: the commands' modules
+(``realjax.cli.<command>``) are imported when their command runs, so ``realjax --help`` answers without
+initialising JAX."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import importlib
+from pathlib import Path
 
 
-class CliError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
-
-
-def _lazy(name: str, module: str = "realjax.commands"):
-    """``module.name(args)``, imported only when the command runs (``realjax --help`` stays fast)."""
+def _lazy(module: str, name: str = "run"):
+    """``realjax.cli.<module>.<name>(args)``, imported only when the command runs."""
     def run(args):
-        import importlib
-
-        return getattr(importlib.import_module(module), name)(args)
+        return getattr(importlib.import_module(f"realjax.cli.{module}"), name)(args)
 
     return run
-
-
-def _plot(args) -> int:
-    from realjax import plots
-
-    if args.what == "gradient-weights":
-        out = plots.plot_gradient_weights(args.out or "gradient_weights.png")
-    else:
-        out = plots.plot_run(args.what, args.out)
-    print(f"wrote {out}")
-    return 0
 
 
 def _add_plot(sub):
     p = sub.add_parser("plot", help="figures: `gradient-weights` (paper Fig. 1) or a run dir (Fig. 4 dynamics)")
     p.add_argument("what", help="'gradient-weights', or a run directory holding metrics.jsonl")
     p.add_argument("--out", help="output PNG (gradient-weights) or output directory (run dynamics)")
-    p.set_defaults(func=_plot)
+    p.set_defaults(func=_lazy("plot"))
 
 
 def _add_sample(sub):
@@ -78,7 +63,7 @@ def _add_eval(sub):
                    help="score 0 without </think> (the official verifier's switch)")
     p.add_argument("--no-chat-template", action="store_true", help="feed raw text, not the chat template")
     p.add_argument("--output", help="write the results (metrics, per-problem counts, settings) as JSON here")
-    p.set_defaults(func=_lazy("main", "realjax.evaluate"))
+    p.set_defaults(func=_lazy("evaluate"))
 
 
 def _add_train(sub):
@@ -105,7 +90,7 @@ def _add_compile(sub):
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v5p-32, v4-8, v5e-16, v6e-8")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for train")
-    p.set_defaults(func=_lazy("main", "realjax.aot"))
+    p.set_defaults(func=_lazy("compile"))
 
 
 def _add_bench(sub):
@@ -159,7 +144,7 @@ def _add_bench(sub):
     q.add_argument("--matmul-n", type=int, default=8192, help="size of the square bf16 matmul")
     q.add_argument("--remat", default="full", help="learner remat policy (full, none, ...; the MFU counts no recompute)")
     q.add_argument("--allow-cpu", action="store_true", help="run on a non-GPU backend anyway (tests)")
-    p.set_defaults(func=_lazy("main", "realjax.bench"))
+    p.set_defaults(func=_lazy("bench"))
 
 
 def _add_study(sub):
@@ -172,7 +157,14 @@ def _add_study(sub):
     p.add_argument("--out", default="study", help="study directory (rerun to resume; finished runs are skipped)")
     p.add_argument("--base-n", type=int, default=16, help="samples per problem for the base policy's spread")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for train")
-    p.set_defaults(func=_lazy("main", "realjax.study"))
+    p.set_defaults(func=_lazy("study"))
+
+
+def _add_build_demo(sub):
+    p = sub.add_parser("build-demo", help="rebuild the embedded demo model (realjax/assets/demo) reproducibly")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "demo"))
+    p.add_argument("--steps", type=int, default=500, help="warm-start steps (fewer: a weaker starting policy)")
+    p.set_defaults(func=_lazy("build_demo"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,21 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_train, _add_eval, _add_sample, _add_export, _add_plot, _add_compile, _add_bench, _add_study]
+_COMMANDS = [_add_train, _add_eval, _add_sample, _add_export, _add_plot, _add_compile, _add_bench, _add_study,
+             _add_build_demo]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except (CliError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"realjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

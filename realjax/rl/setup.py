@@ -10,6 +10,7 @@ import jax
 
 from realjax import data as data_lib
 from realjax.config import Config, ConfigError
+from realjax.rewards import VerifierPool, load_reward_fn
 
 DEMO_ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo"
 
@@ -51,8 +52,6 @@ def model_path(cfg: Config) -> Path | None:
 
 def build_reward_fn(cfg: Config):
     """(reward_fn(completions, rows) -> list[float], eval verifier(completions, ground_truths), close)."""
-    from realjax.rewards import VerifierPool, load_reward_fn
-
     r = cfg.reward
     pool = VerifierPool(num_workers=r.workers or None, timeout_s=r.timeout_s, require_think=r.require_think)
 

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks (``realjax.bench``, ``realjax.bench_rollout``): interleaved
+"""Timing helpers shared by the benchmarks (``realjax.tools.bench``): interleaved
 rounds so that load changes hit every contender alike, medians, compile time apart from call time."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from realjax.study_report import FIGURES, REFERENCE, RunResult, by_loss
+from realjax.tools.study.results import FIGURES, REFERENCE, RunResult, by_loss
 
 COLORS = {"real": "tab:blue", "real_bce": "tab:cyan", "real_product": "tab:purple", "real_ordinal": "tab:pink",
           "grpo": "tab:red", "dapo": "tab:orange", "gspo": "tab:green", "dr_grpo": "tab:brown"}
@@ -56,10 +56,10 @@ def _paired_series(runs: list[RunResult], ref: list[RunResult], key: str) -> lis
 def plot_curves(out: Path, results: list[RunResult]) -> list[Path]:
     """One figure per metric. Left: the mean over seeds per objective with a +-1 SD seed band. Right:
     the paired difference to REAL (same seed, same prompts), mean +- 1 SD over seeds."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is optional (the `plots` extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     groups, seeds, paths = by_loss(results), len({r.seed for r in results}), []
     ref = groups.get(REFERENCE, [])

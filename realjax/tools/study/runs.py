@@ -32,50 +32,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import time
 from pathlib import Path
 
+import jax
 import yaml
 
-from realjax import study_report as report
+from realjax.config import load_config, to_dict
+from realjax.evaluate import evaluate
+from realjax.losses import LOSSES, get_terms, hparam_types, hparams_of
+from realjax.models import from_pretrained, load_tokenizer, stop_token_ids
+from realjax.models.config import resolve_dtype
+from realjax.rl import Trainer, TrainingDiverged, setup
+from realjax.sampling import SamplingConfig
+from realjax.tools.study.design import DONE_FILE, OWNED_KEYS, PAPER_HPARAMS, STUDY_OVERRIDES
 
-DEFAULT_LOSSES = ("real", "real_bce", "real_product", "grpo", "dapo", "gspo", "dr_grpo")
 
-# The paper's per-method settings (PAPER.md 3.2), unscaled: clip ranges and tau are dimensionless.
-PAPER_HPARAMS: dict[str, dict] = {
-    "real": {"tau": 0.5},
-    "real_bce": {"tau": 0.5},
-    "real_product": {"tau": 0.5},
-    "real_ordinal": {"tau": 0.5},
-    "grpo": {"clip_eps": 0.2, "kl_coef": 0.001, "kl_estimator": "k3"},  # k3 KL to a frozen reference
-    "dapo": {"clip_low": 0.2, "clip_high": 0.28},
-    "gspo": {"clip_low": 3e-4, "clip_high": 4e-4},
-    "dr_grpo": {"clip_eps": 0.2},
-}
-
-# The study budget on top of the demo config: sized so that 7 x 5 runs fit ~30 minutes on 2 CPU cores.
-# optim.lr stays the demo's 1e-4 for every objective. A pilot (seed 0, this budget) at 3e-4 collapsed both
-# REAL and GRPO (held-out pass@1 0.32 -> 0.07 and 0.23); at 1e-4 both learned (-> 0.42 and 0.44).
-STUDY_OVERRIDES = (
-    "trainer.steps=30",
-    "rollout.prompts_per_step=8",
-    "trainer.eval_every=10",
-    "trainer.save_every=10",
-    "trainer.keep_checkpoints=1",  # only for resuming: 35 runs x 3 checkpoints would be ~1 GB
-    "data.eval_limit=128",
-    "eval.n=4",
-    "rollout.dynamic_sampling=false",  # the paper's DAPO ran without it (and every other objective too)
-    "rollout.overlong_filter=false",
-    "trainer.export=false",
-    "logging.tensorboard=false",
-    "logging.progress=false",
-)
-# Keys the study sets per run; an override of these would break the design, so it is refused.
-_OWNED = ("name", "seed", "output_dir", "loss.name")
-DONE_FILE = "study_run.json"
-INVOCATIONS = "invocations.jsonl"  # one line per `realjax study` invocation that trained runs: wall, CPU, load
+class StudyError(ValueError):
+    """A study that cannot run as asked: an unknown objective, an override the study owns, a run directory
+    left by another config."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +69,11 @@ class Run:
 
 def _split_overrides(overrides) -> tuple[list[str], dict[str, str]]:
     """(general overrides, loss.* overrides by key); refuses the keys the study owns."""
-    from realjax.cli import CliError
-
     general, loss_kw = [], {}
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key in _OWNED:
-            raise CliError(f"{key} is set by the study per run (use --losses / --seeds / --out)")
+        if key in OWNED_KEYS:
+            raise StudyError(f"{key} is set by the study per run (use --losses / --seeds / --out)")
         if key.startswith("loss."):
             loss_kw[key.removeprefix("loss.")] = item.split("=", 1)[1] if "=" in item else ""
         else:
@@ -108,20 +84,20 @@ def _split_overrides(overrides) -> tuple[list[str], dict[str, str]]:
 def plan(config_path, overrides, losses, seeds: int, out: Path) -> list[Run]:
     """The runs, seed-major (an interrupted study then holds whole seeds, which pair), each a validated
     Config. A ``loss.<key>=v`` override applies to every objective that takes ``key``."""
-    from realjax.cli import CliError
-    from realjax.config import LossSection, load_config
-    from realjax.losses import LOSSES, hparams_of
-
     general, loss_kw = _split_overrides(overrides)
-    unknown = [n for n in losses if n not in LOSSES]
-    if unknown or not losses:
-        raise CliError(f"--losses: unknown objective(s) {unknown}; choose from {sorted(LOSSES)}")
+    if not losses:
+        raise StudyError(f"--losses: no objective given; choose from {sorted(LOSSES)}")
+    for name in losses:
+        try:
+            get_terms(name)
+        except ValueError as e:
+            raise StudyError(f"--losses: {e}") from None
     if seeds < 1:
-        raise CliError(f"--seeds must be >= 1, got {seeds}")
+        raise StudyError(f"--seeds must be >= 1, got {seeds}")
     for key in loss_kw:
         if not any(key in hparams_of(n) for n in losses):
-            raise CliError(f"loss.{key} is a hyperparameter of none of {', '.join(losses)}")
-    reset = [f"loss.{f.name}=null" for f in dataclasses.fields(LossSection) if f.name != "name"]
+            raise StudyError(f"loss.{key} is a hyperparameter of none of {', '.join(losses)}")
+    reset = [f"loss.{key}=null" for key in hparam_types()]
     runs = []
     for seed in range(seeds):
         for loss in losses:
@@ -139,8 +115,6 @@ def plan(config_path, overrides, losses, seeds: int, out: Path) -> list[Run]:
 # ----------------------------------------------------------------------------------------------------
 def _config_diff(run_dir: Path, cfg) -> list[str]:
     """Dotted keys where the run's saved config.yaml differs from ``cfg`` (output_dir aside)."""
-    from realjax.config import to_dict
-
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return []
@@ -168,8 +142,6 @@ def run_one(run: Run) -> dict:
 
     Returns the marker written to ``<run>/study_run.json``: status finished / diverged / stopped.
     """
-    from realjax.rl import Trainer, TrainingDiverged
-
     run_dir = run.cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -192,12 +164,10 @@ def run_one(run: Run) -> dict:
 def pending(runs: list[Run]) -> list[Run]:
     """The runs without a done marker; refuses a run directory left by another config (its checkpoint
     would be resumed under the new one)."""
-    from realjax.cli import CliError
-
     for run in runs:
         diff = _config_diff(run.cfg.run_dir, run.cfg)
         if diff:
-            raise CliError(f"{run.cfg.run_dir} was made with another config (differs in {', '.join(diff[:5])}); "
+            raise StudyError(f"{run.cfg.run_dir} was made with another config (differs in {', '.join(diff[:5])}); "
                            "use another --out or delete that run")
     return [run for run in runs if not (run.cfg.run_dir / DONE_FILE).exists()]
 
@@ -205,8 +175,6 @@ def pending(runs: list[Run]) -> list[Run]:
 def run_all(runs: list[Run], *, log=print) -> tuple[bool, list[dict]]:
     """Every run not yet done, with one progress line each. Returns (all done, the markers of the runs
     trained now); not all done when interrupted (Ctrl-C / SIGTERM)."""
-    import gc
-
     todo = pending(runs)
     done_before = len(runs) - len(todo)
     if done_before:
@@ -246,12 +214,6 @@ def base_spread(cfg, n: int, path: Path) -> dict:
 
     Cached in ``path`` (recomputed when the settings differ). Same sampling settings as the runs' eval.
     """
-    from realjax.evaluate import evaluate
-    from realjax.models import from_pretrained, load_tokenizer, stop_token_ids
-    from realjax.models.config import resolve_dtype
-    from realjax.rl import components
-    from realjax.sampling import SamplingConfig
-
     e = cfg.eval
     settings = {"model": cfg.model.path, "eval": cfg.data.eval, "train": cfg.data.train, "limit": cfg.data.eval_limit,
                 "n": n, "temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k,
@@ -261,11 +223,11 @@ def base_spread(cfg, n: int, path: Path) -> dict:
         if cached.get("settings") == settings:
             return cached
     t0 = time.perf_counter()
-    model_dir = components.model_path(cfg)
+    model_dir = setup.model_path(cfg)
     tokenizer = load_tokenizer(model_dir)
-    train_rows, _ = components.training_rows(cfg, tokenizer)
-    sets, _ = components.eval_sets(cfg, tokenizer, train_rows)
-    _, verifier, pool = components.build_reward_fn(cfg)
+    train_rows, _ = setup.training_rows(cfg, tokenizer)
+    sets, _ = setup.eval_sets(cfg, tokenizer, train_rows)
+    _, verifier, pool = setup.build_reward_fn(cfg)
     model = from_pretrained(model_dir, dtype=cfg.model.param_dtype, compute_dtype=resolve_dtype(cfg.model.dtype))
     sampling = SamplingConfig(max_new_tokens=settings["max_new_tokens"], temperature=e.temperature, top_p=e.top_p,
                               top_k=e.top_k, stop_ids=stop_token_ids(model_dir, tokenizer))
@@ -288,67 +250,9 @@ def base_spread(cfg, n: int, path: Path) -> dict:
 def enable_compile_cache(directory: Path) -> None:
     """JAX's persistent compilation cache: every run compiles the same programs, so all but the first
     load them from disk. Kept when the user already configured one."""
-    import jax
-
     if jax.config.jax_compilation_cache_dir:
         return
     directory.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-
-
-def _command(args) -> str:
-    """The command line that reproduces this study (defaults left out)."""
-    parts = ["realjax study"]
-    if args.config:
-        parts.append(f"--config {args.config}")
-    if tuple(x.strip() for x in args.losses.split(",")) != DEFAULT_LOSSES:
-        parts.append(f"--losses {args.losses}")
-    for flag, value, default in (("--seeds", args.seeds, 5), ("--out", args.out, "study"),
-                                 ("--base-n", args.base_n, 16)):
-        if value != default:
-            parts.append(f"{flag} {value}")
-    return " ".join([*parts, *args.overrides])
-
-
-def main(args) -> int:
-    """``realjax study`` (arguments: see ``cli._add_study``)."""
-    from realjax.cli import CliError
-    from realjax.commands import demo_config_path
-    from realjax.config import ConfigError
-
-    t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-    if args.base_n < 1:
-        raise CliError(f"--base-n must be >= 1, got {args.base_n}")
-    out = Path(args.out)
-    losses = [x.strip() for x in args.losses.split(",") if x.strip()]
-    try:
-        runs = plan(args.config or demo_config_path(), args.overrides, losses, args.seeds, out)
-    except ConfigError as e:
-        raise CliError(str(e)) from None
-    pending(runs)  # a mismatched run directory fails here, before any compute
-    out.mkdir(parents=True, exist_ok=True)
-    enable_compile_cache(out / ".jax_cache")
-    print(f"study: {len(losses)} objectives x {args.seeds} seeds = {len(runs)} runs of {runs[0].cfg.trainer.steps} "
-          f"steps -> {out}", flush=True)
-    base = base_spread(runs[0].cfg, args.base_n, out / "base.json")
-    print(f"study: base policy pass@1 {base['pass@1']:.3f} (n={args.base_n}); "
-          f"{report.spread_line(base)}", flush=True)
-    finished, trained = run_all(runs, log=lambda s: print(s, flush=True))
-    if trained:  # the time record of every invocation that trained, for the report
-        loads = [load0, *(m["load_1min"] for m in trained)]
-        record = {"runs_trained": len(trained), "wall_s": round(time.perf_counter() - t0, 1),
-                  "cpu_s": round(time.process_time() - cpu0, 1), "load_mean": round(sum(loads) / len(loads), 2),
-                  "load_max": round(max(loads), 2), "date": time.strftime("%Y-%m-%d %H:%M")}
-        with open(out / INVOCATIONS, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    if not finished:
-        return 130
-    results = [report.load_run(r.cfg.run_dir, r.loss, r.seed) for r in runs]
-    invocations = [json.loads(line) for line in (out / INVOCATIONS).read_text().splitlines() if line.strip()] \
-        if (out / INVOCATIONS).exists() else []
-    paths = report.write(out, results, base, runs[0].cfg, hparams={
-        n: runs[i].cfg.loss.hparams() for i, n in enumerate(losses)}, command=_command(args), invocations=invocations)
-    print("\n".join(["study: wrote " + ", ".join(str(p) for p in paths), report.headline(results)]), flush=True)
-    return 0

@@ -23,9 +23,14 @@ from __future__ import annotations
 
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from realjax.bench_timing import interleaved, median
+from realjax.models import init_model
+from realjax.sampling import Engine, Sampler, SamplingConfig, decode_windows
+from realjax.tools.bench.timing import interleaved, median
 
 LENGTHS = ("r1-distill", "all-max", "uniform")
 
@@ -61,13 +66,6 @@ def minimum_slots_read(lengths: np.ndarray, prompt: int) -> int:
 
 def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, lengths: str, slots: int,
                   compact_every: int, window_tokens: int, temperature: float, repeats: int, seed: int = 0) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from realjax.models import init_model
-    from realjax.sampling import Engine, Sampler, SamplingConfig, decode_windows
-
     if rows % group_size:
         raise ValueError(f"rows ({rows}) must be a multiple of group_size ({group_size})")
     model = init_model(cfg, seed=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import string
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 PAD, BOS_CHAT, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -27,8 +28,6 @@ CHAT_TEMPLATE = (
 def char_tokenizer():
     """A ``PreTrainedTokenizerFast``: ids 0-2 are PAD / <|im_start|> / <|im_end|> (EOS), 3-4 the think
     tags, then one id per printable character, then <unk>."""
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {t: i for i, t in enumerate((*SPECIALS, THINK_OPEN, THINK_CLOSE, *CHARS, UNK))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import jax
 from flax import nnx
+from tqdm import tqdm
 
 from realjax import sharding as shd
 from realjax.data import batch_prompts
@@ -27,8 +28,6 @@ def sample_ids(model, sampler: Sampler, prompt_ids: Sequence[Sequence[int]], *, 
     starts = range(0, len(prompt_ids), prompts_per_batch)
     bar = None
     if progress and len(starts) > 1:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(prompt_ids), desc="sampling", unit="prompt")
     for b, start in enumerate(starts):
         chunk = list(prompt_ids[start:start + prompts_per_batch])

@@ -34,165 +34,39 @@ overstates decoding several times.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import json
 import math
-import os
 import re
-import sys
-import tempfile
 import time
+from pathlib import Path
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from realjax import sharding as shd
+from realjax.config import ConfigError
+from realjax.data import bucket_length
+from realjax.models import abstract_model
+from realjax.models.config import load_hf_config, preset
+from realjax.models.lora import split_policy
+from realjax.rl.batch import TrainState, UpdateBatch
+from realjax.rl.plan import make_plan
+from realjax.rl.setup import DEMO_ASSET
+from realjax.sampling import Sampler
+from realjax.tools.aot.topology import Topology, parse_topology, topology_devices
 
 GiB = 1024 ** 3
 
 
 # ----------------------------------------------------------------------------------------------------
-# Chips and topologies
-# ----------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    name: str
-    hbm_bytes: int
-    peak_flops: float  # dense bf16 FLOP/s per chip
-    hbm_bandwidth: float  # bytes/s per chip
-    jax_prefix: str  # the generation in JAX's topology names ("v5:2x2x1")
-    dims: int  # torus dimensions: 3 (v4, v5p) or 2 (v5e, v6e)
-    cores_per_chip: int  # TensorCores per chip: "v5p-8" counts cores, "v5e-8" counts chips
-
-
-# Public Cloud TPU numbers (HBM as the accelerator type is sold; XLA itself allows v5p 95.74 GiB).
-CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 1.2e12, "v4", 3, 2),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 0.82e12, "v5e", 2, 1),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2.765e12, "v5", 3, 2),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1.64e12, "v6e", 2, 1),
-}
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v6lite": "v6e", "v5": "v5p"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-    name: str  # as given, e.g. "v5p-8"
-    chip: Chip
-    chips: int
-    shape: tuple[int, ...]  # chips per torus dimension
-    host_bounds: tuple[int, int, int]  # chips per host in each dimension
-
-    @property
-    def jax_name(self) -> str:
-        return f"{self.chip.jax_prefix}:" + "x".join(map(str, self.shape))
-
-
-def _torus(chips: int, dims: int) -> tuple[int, ...]:
-    """The slice shape Cloud TPU uses for a power-of-two chip count: keep doubling the smallest
-    dimension (the last one on ties), from 2x2x1 (3-D) or 1x1 (2-D). v5p-32 -> 2x2x4, v5e-32 -> 4x8."""
-    shape = [1] * dims
-    if dims == 3 and chips >= 4:
-        shape = [2, 2, 1]
-    while math.prod(shape) < chips:
-        i = max(range(dims), key=lambda d: (-shape[d], d))
-        shape[i] *= 2
-    if math.prod(shape) != chips:
-        raise ValueError(f"{chips} chips is not a power-of-two slice; pass the shape, e.g. v5p:4x4x12")
-    return tuple(shape)
-
-
-def parse_topology(name: str) -> Topology:
-    """``v5p-8`` (TensorCores: 4 chips), ``v4-8`` (4 chips), ``v5e-16`` / ``v5litepod-16`` / ``v6e-16``
-    (chips), or an explicit torus ``v5p:2x2x4`` / ``v6e:4x4``."""
-    m = re.fullmatch(r"\s*([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+)*))\s*", name.lower())
-    gen = m and _ALIASES.get(m.group(1), m.group(1))
-    if not m or gen not in CHIPS:
-        raise ValueError(f"unknown TPU topology {name!r}; expected e.g. v5p-8, v4-8, v5e-16, v6e-8 or v5p:2x2x4 "
-                         f"(generations: {', '.join(CHIPS)})")
-    chip = CHIPS[gen]
-    if m.group(3):
-        shape = tuple(int(s) for s in m.group(3).split("x"))
-        if len(shape) != chip.dims:
-            raise ValueError(f"{name}: a {gen} torus has {chip.dims} dimensions")
-        chips = math.prod(shape)
-    else:
-        count = int(m.group(2))
-        if count % chip.cores_per_chip:
-            raise ValueError(f"{name}: {gen} slices are named by TensorCores, a multiple of {chip.cores_per_chip}")
-        chips = count // chip.cores_per_chip
-        shape = _torus(chips, chip.dims)
-    # Single-host slices keep all their chips on the host (v5e-8: 2x4); larger ones have 4 per host.
-    if chips <= 4 or (chip.dims == 2 and chips == 8):
-        host = tuple(shape) + (1,) * (3 - len(shape))
-    else:
-        host = (2, 2, 1)
-    return Topology(name, chip, chips, shape, host)
-
-
-class TpuUnavailable(RuntimeError):
-    pass
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """libtpu writes host-detection warnings to fd 2 when it loads on a machine without TPUs; keep
-    them out of the report, and hand them back if loading fails (they are the diagnosis then)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield log
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def topology_devices(topo: Topology) -> tuple:
-    """The compile-only devices of ``topo`` (loads the TPU compiler from libtpu; claims no chip)."""
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        raise TpuUnavailable("libtpu is not installed (it provides the TPU compiler): pip install 'realjax[tpu]'") \
-            from None
-    devices = _describe(topo.jax_name, "megacore" if topo.chip.cores_per_chip == 2 else "default", topo.host_bounds)
-    if len(devices) != topo.chips:
-        raise TpuUnavailable(f"{topo.name}: libtpu describes {len(devices)} devices, expected {topo.chips}")
-    return devices
-
-
-@functools.cache
-def _describe(jax_name: str, chip_config: str, host_bounds: tuple) -> tuple:
-    """Cached: every compile for a topology in this process sees the same device objects, hence the same
-    mesh (a second description has new devices, which JAX will not mix with functions traced on the first)."""
-    from jax.experimental import topologies
-
-    # libtpu takes /tmp/libtpu_lockfile so that two processes never drive the same chips. A compile
-    # drives none, and must work beside a training run or another compile.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    with _quiet_stderr() as log:
-        try:
-            desc = topologies.get_topology_desc(jax_name, "tpu", chip_config_name=chip_config,
-                                                chips_per_host_bounds=host_bounds)
-        except Exception as e:  # noqa: BLE001 - whatever the plugin raises, the user needs its words
-            log.seek(0)
-            detail = log.read().decode(errors="replace").strip().splitlines()
-            raise TpuUnavailable(f"cannot describe TPU topology {jax_name}: {e}"
-                                 + (f" ({detail[-1]})" if detail else "")) from None
-    return tuple(desc.devices)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Abstract state
 # ----------------------------------------------------------------------------------------------------
-def model_config(cfg):
+def architecture(cfg):
     """The ModelConfig of ``cfg.model``: the HF config.json when ``model.path`` is a local dir, else
     ``model.preset``; compute dtype "auto" is bf16 (the target is a TPU)."""
-    from pathlib import Path
-
-    from realjax.config import ConfigError
-    from realjax.models.config import load_hf_config, preset
-    from realjax.rl.components import DEMO_ASSET
-
     m = cfg.model
     dtype = "bfloat16" if m.dtype == "auto" else m.dtype
     kw = dict(param_dtype=m.param_dtype, dtype=dtype, remat=m.remat, lora=m.lora.model_config())
@@ -209,16 +83,11 @@ def model_config(cfg):
 
 
 def _abstract(tree, shardings):
-    import jax
-
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def _bytes_per_chip(tree) -> int:
     """Bytes one device holds of an abstract tree (the largest shard of each leaf)."""
-    import jax
-    import numpy as np
-
     total = 0
     for x in jax.tree.leaves(tree):
         shard = x.sharding.shard_shape(x.shape)
@@ -262,8 +131,6 @@ _SIZE = re.compile(r"([\d.]+)([KMGT])\b")
 
 def _compile(program: Program, lower, log) -> Any:
     """Compile ``lower()``'s program and fill in ``program``; an out-of-memory compile is recorded."""
-    import jax
-
     log(f"compiling {program.name} ({program.shape})")
     t0 = time.perf_counter()
     try:
@@ -305,13 +172,6 @@ class _State:
 
 def _abstract_state(cfg, mcfg, mesh, stops) -> _State:
     """Weights, optimizer and shardings exactly as ``Trainer`` builds them (its run plan), nothing allocated."""
-    import jax
-
-    from realjax.models import abstract_model
-    from realjax.models.lora import split_policy
-    from realjax.rl.batch import TrainState
-    from realjax.rl.plan import make_plan
-
     graphdef, abstract = abstract_model(mcfg)
     trained, frozen = split_policy(abstract, mcfg.lora)  # LoRA: adapters train, the base is frozen
     plan = make_plan(cfg, mesh, compute_dtype=mcfg.dtype, abstract_params=trained, stop_ids=stops,
@@ -342,17 +202,11 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
     ``log`` receives a line as each program starts compiling (minutes each at 8k tokens on a small host).
     Raises ``TpuUnavailable`` without libtpu, ``ValueError`` for a bad topology or mesh.
     """
-    import jax
-
-    from realjax import sharding as shd
-    from realjax.data import bucket_length
-    from realjax.rl.batch import UpdateBatch
-
     topo = parse_topology(topology)
     mesh = shd.make_mesh(cfg.mesh, topology_devices(topo))
-    mcfg, source = model_config(cfg)
+    mcfg, source = architecture(cfg)
     r, o, e = cfg.rollout, cfg.optim, cfg.eval
-    G, tp, N = r.group_size, bucket_length(cfg.data.max_prompt_tokens), r.max_new_tokens
+    R, tp, N = r.group_size, bucket_length(cfg.data.max_prompt_tokens), r.max_new_tokens
     eos = mcfg.eos_token_id if mcfg.eos_token_id is not None else 0
     stops = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
     st = _abstract_state(cfg, mcfg, mesh, stops)
@@ -362,7 +216,7 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
     # The training weights (when the rollout copy is separate), Adam moments and GRPO's reference stay.
     resident = (b["params"] + b["frozen"] if b["rollout_params"] else 0) + b["opt_state"] + b["ref_params"]
     per_call = r.prompts_per_call or r.prompts_per_step
-    programs = _sampler_programs("", plan.sampling, st, mesh, per_call, tp, G, r.prompts_per_step // per_call,
+    programs = _sampler_programs("", plan.sampling, st, mesh, per_call, tp, R, r.prompts_per_step // per_call,
                                  resident, log)
     if cfg.data.eval:
         programs += _sampler_programs("eval_", plan.eval_sampling, st, mesh, plan.eval_prompts_per_call, tp, e.n, 0,
@@ -392,13 +246,6 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
 def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp: int, group: int, calls: int,
                       resident: int, log) -> list[Program]:
     """The sampler's prefill and decode for one call of ``prompts`` x ``group`` rows (``calls`` per step)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from realjax import sharding as shd
-    from realjax.sampling import Sampler
-
     N = sampling.max_new_tokens
     sampler = Sampler(sampling, pad_id=sampling.stop_ids[0], mesh=mesh, rules=shd.ROLLOUT_RULES)
     ids = jax.ShapeDtypeStruct((prompts, tp), jnp.int32,
@@ -478,88 +325,3 @@ def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Prog
     }
 
 
-# ----------------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------------
-def _gib(n: float) -> str:
-    return f"{n / GiB:.2f}"
-
-
-def _secs(s: float) -> str:
-    if s >= 100:
-        return f"{s:.0f} s"
-    return f"{s:.3g} s" if s >= 1e-3 else f"{s * 1e6:.3g} us"
-
-
-def _count(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-
-
-def format_report(rep: dict, config: str = "") -> str:
-    """The report as a readable table (GiB per chip; times are lower bounds)."""
-    m, mesh, st, ph = rep["model"], rep["mesh"], rep["state_bytes_per_chip"], rep["phase_time_roofline_s"]
-    head = (f"realjax compile {config} --topology {rep['topology']}: {rep['chips']} x TPU {rep['chip']} "
-            f"({rep['jax_topology']}), {_gib(rep['hbm_bytes_per_chip'])} GiB HBM, "
-            f"{rep['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per chip")
-    model = (f"model: {m['source']}, {_count(m['params'])} params, {m['param_dtype']} weights, {m['dtype']} compute, "
-             f"remat {m['remat']}, logprob chunk {m['logprob_chunk_tokens']} tok; "
-             f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}")
-    state = (f"state per chip (GiB): weights {_gib(st['params'])}, Adam {_gib(st['opt_state'])}, rollout copy of "
-             f"the weights {_gib(st['rollout_params'])}, GRPO reference {_gib(st['ref_params'])}")
-    if m.get("lora_rank"):
-        model += f"; LoRA rank {m['lora_rank']}: {_count(m['lora_params'])} adapter params train"
-        state = state.replace("weights", "adapters", 1) + f", frozen base {_gib(st['frozen'])}"
-    columns = ("program", "runs", "one run", "args", "out", "temp", "code", "peak", "+resid", "total", "TFLOP/chip",
-               "t_flops", "t_hbm")
-    row = "{:<12} {:>6}  {:<40} {:>6} {:>6} {:>6} {:>5} {:>6} {:>6} {:>6}  {:>10} {:>9} {:>9}"
-    lines = [head, model, state, "", row.format(*columns)]
-    for name, p in rep["programs"].items():
-        if "argument_bytes" not in p:
-            why = p["error"] or "not compiled"
-            lines.append(f"{name:<12} {p['runs_per_step']:>6}  {p['shape']:<40} DOES NOT FIT: {why}")
-            continue
-        sizes = (_gib(p[k + "_bytes"]) for k in ("argument", "output", "temp", "generated_code", "peak", "resident",
-                                                 "total"))
-        lines.append(row.format(name, p["runs_per_step"], p["shape"], *sizes, f"{p['flops_per_chip'] / 1e12:.3f}",
-                                _secs(p["time_flops_s"]), _secs(p["time_hbm_s"])) + ("" if p["fits"] else "  > HBM"))
-    legend = ("GiB per chip; peak = XLA's args + out - donated + temp; +resid = buffers the trainer keeps alive "
-              "beside the program; runs = per RL step (decode: steps x calls, every row to the full budget; eval_*: 0, "
-              "they must fit but run between steps); t_hbm = reading the arguments once, the KV cache only up to "
-              "the decode window (decode: the worst window's memory, the steps' average time).")
-    step = (f"RL step: {rep['flops'] / 1e15:.1f} PFLOP; lower bound {_secs(rep['step_time_lower_bound_s'])} at "
-            f"peak FLOP/s; {_secs(rep['step_time_roofline_s'])} with every program at max(t_flops, t_hbm) "
-            f"(rollout {_secs(ph['rollout'])}, scoring {_secs(ph['score'])}, updates {_secs(ph['update'])})")
-    verdict = (f"{'fits' if rep['fits'] else 'DOES NOT FIT'}: peak {_gib(rep['peak_bytes_per_chip'])} of "
-               f"{_gib(rep['hbm_bytes_per_chip'])} GiB per chip")
-    return "\n".join(lines + ["", legend, step, verdict])
-
-
-def _host_is_cpu() -> None:
-    """Compile-only devices need no TPU backend. Unless the user chose platforms, keep JAX off local chips
-    (on a TPU worker they may be training; JAX's Cloud TPU start-up would otherwise pick "tpu,cpu")."""
-    import jax
-
-    if not os.environ.get("JAX_PLATFORMS"):
-        jax.config.update("jax_platforms", "cpu")
-
-
-def main(args) -> int:
-    """``realjax compile``: exit 0 when every program fits the chip's HBM, 1 when one does not, 2 on errors."""
-    from realjax.cli import CliError
-    from realjax.commands import demo_config_path
-    from realjax.config import ConfigError, load_config
-
-    _host_is_cpu()
-    try:
-        cfg = load_config(args.config or demo_config_path(), args.overrides)
-        parse_topology(args.topology)
-        t0 = time.perf_counter()
-        rep = compile_report(cfg, args.topology, log=lambda message: print(
-            f"realjax compile: {time.perf_counter() - t0:5.0f} s {message}", file=sys.stderr, flush=True))
-    except (ConfigError, TpuUnavailable, ValueError) as e:
-        raise CliError(str(e).splitlines()[0]) from None
-    if args.json:
-        print(json.dumps(rep, sort_keys=True))
-    else:
-        print(format_report(rep, f"--config {args.config}" if args.config else "(demo)"))
-    return 0 if rep["fits"] else 1

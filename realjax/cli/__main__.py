@@ -1,0 +1,3 @@
+from realjax.cli import main
+
+raise SystemExit(main())
