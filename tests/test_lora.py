@@ -335,3 +335,19 @@ def test_demo_reward_rises_with_adapters_only(tmp_path):
     assert len(rewards) == 40
     first, last = np.mean(rewards[:10]), np.mean(rewards[-10:])
     assert last > first + 0.05, (first, last, rewards)
+
+
+def test_7b_lora_config_is_the_paper_config_but_for_its_stated_departures():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    lora_cfg = load_config(configs / "r1_distill_qwen_7b_real_lora.yaml")
+    full = load_config(configs / "r1_distill_qwen_7b_real.yaml")
+    assert lora_cfg.model.lora.model_config() == LoraConfig(rank=32, alpha=64.0, base_dtype="bfloat16")
+    departures = {"rollout": {"max_new_tokens", "prompts_per_call"}, "optim": {"lr", "micro_batches"},
+                  "eval": {"max_new_tokens", "prompts_per_call"}, "mesh": {"tensor"}, "model": {"lora"}}
+    for section, keys in departures.items():
+        a, b = getattr(lora_cfg, section), getattr(full, section)
+        same = {k: v for k, v in vars(a).items() if k not in keys}
+        assert same == {k: v for k, v in vars(b).items() if k not in keys}, section
+    assert (lora_cfg.loss, lora_cfg.data, lora_cfg.reward) == (full.loss, full.data, full.reward)
