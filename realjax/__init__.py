@@ -12,6 +12,7 @@ Axis-letter legend, used in every einsum, shape comment and shape-suffixed local
     M micro-batches or scoring chunks (``[M, B, ...]``)
     J live rows of a compacted batch (the rollout engine)
     O ordinal levels of a group (REAL-ordinal's thresholds); Y (group, level) pairs flattened
+    Z packed sequences of the learner, C tokens of one (``realjax.rl.packing``)
 
 Lower-case letters are parts of an axis: ``c`` the tokens of one scoring chunk (``T = M * c``), ``h``
 half the head dim (RoPE's frequencies). A name carries its axes in order: ``logp_BA`` is [B, A].

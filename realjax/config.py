@@ -19,6 +19,7 @@ import yaml
 
 from realjax.is_correction import MODES, ROLLOUT_OBJECTIVES
 from realjax.losses import get_terms, hparam_types, hparams_of
+from realjax.models.attention import check_backend
 from realjax.models.config import LoraConfig, check_dtype, check_remat
 from realjax.sharding import MeshConfig
 
@@ -54,6 +55,9 @@ class ModelSection:
     dtype: str = "auto"  # compute dtype: auto = fp32 on CPU, bf16 on GPU/TPU
     remat: str = "none"  # none | full | dots: recompute blocks in the backward pass
     logprob_chunk_tokens: int = 4096  # tokens per chunk of vocab logits (memory vs speed)
+    # The learner's attention (realjax.models.attention): auto (splash on TPU, cuDNN on GPU in bf16, else
+    # XLA) | xla | cudnn | splash. Decode always runs the XLA back end.
+    attention: str = "xla"
     lora: LoraSection = LoraSection()
 
 
@@ -154,6 +158,9 @@ class OptimSection:
     warmup_steps: int = 0
     mini_batches: int = 4  # optimizer updates per rollout batch (the paper: 128 / 32 = 4)
     micro_batches: int = 1  # gradient accumulation chunks per mini-batch (memory)
+    # Packed rollouts (realjax.rl.packing): a micro-batch's rows run end to end in sequences of one padded
+    # row's length, about this many tokens in all (more when the rows need it); 0 = padded rows.
+    tokens_per_micro_batch: int = 0
     max_bad_steps: int = 3  # abort after this many non-finite updates in a row
 
 
@@ -356,7 +363,7 @@ def validate(cfg: Config) -> None:
                 "rollout.top_k": (r.top_k, 0), "eval.top_k": (e.top_k, 0), "rollout.prompts_per_call": (r.prompts_per_call, 0),
                 "eval.prompts_per_call": (e.prompts_per_call, 0), "eval.max_new_tokens": (e.max_new_tokens, 0),
                 "optim.warmup_steps": (o.warmup_steps, 0), "data.eval_limit": (cfg.data.eval_limit, 0),
-                "rollout.slots": (r.slots, 0)}
+                "rollout.slots": (r.slots, 0), "optim.tokens_per_micro_batch": (o.tokens_per_micro_batch, 0)}
     for key, (value, low) in at_least.items():
         if value < low:
             why = " (every objective compares the rollouts of a group)" if key == "rollout.group_size" else ""
@@ -386,15 +393,14 @@ def validate(cfg: Config) -> None:
     _check("model.param_dtype", check_dtype, cfg.model.param_dtype)
     _check("model.dtype", functools.partial(check_dtype, auto=True), cfg.model.dtype)
     _check("model.remat", check_remat, cfg.model.remat)
-    _check_lora(cfg.model.lora)
+    _check("model.attention", check_backend, cfg.model.attention)
+    _check("model.lora", LoraSection.model_config, cfg.model.lora)  # the model's LoraConfig checks it
+    row = cfg.data.max_prompt_tokens + r.max_new_tokens - 1
+    if 0 < o.tokens_per_micro_batch < row:
+        raise ConfigError(f"optim.tokens_per_micro_batch={o.tokens_per_micro_batch} is less than one packed sequence: "
+                          f"data.max_prompt_tokens + rollout.max_new_tokens - 1 = {row} tokens")
     if not cfg.data.train:
         raise ConfigError("data.train is not set (a data spec: file, directory, hub name or synthetic:...)")
-
-
-def _check_lora(lora: LoraSection) -> None:
-    if lora.rank < 0:
-        raise ConfigError(f"model.lora.rank must be >= 0 (0 = off), got {lora.rank}")
-    _check("model.lora", LoraSection.model_config, lora)  # the model's LoraConfig checks the rest
 
 
 def _check_is_correction(cfg: Config) -> None:

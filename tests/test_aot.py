@@ -12,6 +12,7 @@ import pytest
 
 from realjax.cli import compile as compile_command
 from realjax.tools.aot import compile as aot, report as aot_report, topology
+from realjax.tools.bench import rollout as bench_rollout
 from realjax.cli import main as cli_main
 from realjax.config import load_config
 
@@ -168,6 +169,41 @@ def test_tiny_compile_for_v5p_8(tiny_report):
     upd = rep["programs"]["update"]
     tokens = (8 * 8 // 2) * (16 + 16 - 1)
     assert upd["flops_per_chip"] * 4 >= 6 * rep["model"]["params"] * tokens * 0.5
+    # The rollout on the engine under R1-Distill's lengths: fewer row-steps, a shorter bound.
+    u = rep["rollout_under_lengths"]
+    assert u["lengths"] == "r1-distill" and u["useful_tokens"] <= u["row_steps"] < 2 * 32 * 16
+    assert 0 < u["rollout_roofline_s"] < rep["phase_time_roofline_s"]["rollout"]
+    assert u["step_time_roofline_s"] < rep["step_time_roofline_s"]
+
+
+def test_rollout_under_lengths_prices_the_engine_schedule():
+    """A decode whose steps read only the KV cache: the engine's price is the cache slots its chunks read
+    (rows x window x steps), at HBM bandwidth, whatever the distribution."""
+    from realjax.tools.aot.lengths import rollout_under_lengths
+    from realjax.sampling.schedule import simulate
+
+    chip, rows, prompt, new, cache = topology.CHIPS["v5p"], 16, 4, 12, 2**30
+    parts = [aot.Program("decode", 6, "", 0, memory={"argument": cache}, window=w) for w in (10, 16)]
+    decode = aot.Program("decode", 12, "", 0, memory={"argument": cache}, parts=parts, cache_bytes=cache)
+    prefill = aot.Program("prefill", 1, "", 0, memory={"argument": 1})
+    kw = dict(prefill=prefill, decode=decode, chip=chip, prompts=2, prompt=prompt, new=new,
+              multiple=2, compact_every=3, window_tokens=6)
+    for name, slots in [("r1-distill", 0), ("uniform", 0), ("uniform", 4), ("all-max", 0)]:
+        u = rollout_under_lengths(name, rows=rows, calls=1, slots=slots, **kw)
+        chunks = simulate(bench_rollout.oracle_lengths(name, rows, new), prompt=prompt, new=new, slots=slots,
+                          multiple=2, compact_every=3, window_tokens=6)
+        slot_steps = sum(b * w * s for b, w, s in chunks)
+        assert u["decode_s"] == pytest.approx(cache * slot_steps / (rows * (prompt + new)) / chip.hbm_bandwidth)
+        assert u["row_steps"] == rows + sum(b * s for b, _, s in chunks)
+    assert u["utilisation"] > 0.9 and u["useful_tokens"] == rows * new  # all-max: every slot busy
+    # Two calls' rows through the compiled call's slots in one call: the same price per slot-step.
+    two = rollout_under_lengths("r1-distill", rows=2 * rows, calls=1, slots=rows, compiled_rows=rows, **kw)
+    chunks = simulate(bench_rollout.oracle_lengths("r1-distill", 2 * rows, new), prompt=prompt, new=new, slots=rows,
+                      multiple=2, compact_every=3, window_tokens=6)
+    slot_steps = sum(b * w * s for b, w, s in chunks)
+    assert two["decode_s"] == pytest.approx(cache * slot_steps / (rows * (prompt + new)) / chip.hbm_bandwidth)
+    with pytest.raises(ValueError, match="unknown length"):
+        rollout_under_lengths("zipf", rows=rows, calls=1, slots=0, **kw)
 
 
 @needs_libtpu
@@ -175,7 +211,7 @@ def test_compile_exit_1_when_it_does_not_fit(tiny_report, monkeypatch, capsys):
     """The tiny report as if the update needed more than the chip has: exit 1 and the table says so."""
     rep = json.loads(tiny_report[1])
     rep["programs"]["update"]["fits"] = rep["fits"] = False
-    monkeypatch.setattr(compile_command, "compile_report", lambda cfg, topology, log: rep)
+    monkeypatch.setattr(compile_command, "compile_report", lambda cfg, topology, log, lengths: rep)
     assert cli_main(["compile", "--topology", "v5p-8", *TINY]) == 1
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text and "> HBM" in text and "update" in text

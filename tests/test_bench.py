@@ -4,6 +4,7 @@ measure a shared machine."""
 
 import json
 import math
+import sys
 
 import jax
 import numpy as np
@@ -110,10 +111,14 @@ def test_gpu_bench_pieces_on_cpu(capsys):
     assert res["learner_tokens"] == 32
 
 
-def test_rollout_bench(capsys):
+def test_rollout_bench(capsys, tmp_path):
     res = _run(capsys, "rollout", "--preset", "tiny", "--layers", "1", "--rows", "8", "--group-size", "2",
-               "--prompt", "4", "--new", "10", "--window-tokens", "10", "--compact-every", "4", "--slots", "4")
-    _positive(res, "static_s", "engine_s", "static_tok_s", "engine_tok_s", "kv_min_gb")
+               "--prompt", "4", "--new", "10", "--window-tokens", "10", "--compact-every", "4", "--slots", "4",
+               "--vllm-python", _fake_vllm_python(tmp_path))
+    _positive(res, "static_s", "engine_s", "static_tok_s", "engine_tok_s", "kv_min_gb", "vllm_tok_s", "vllm_s",
+              "engine_vs_vllm", "static_vs_vllm")
+    assert res["vllm_version"] == "fake"  # the baseline ran through the subprocess protocol
+    assert res["engine_vs_vllm"] == pytest.approx(res["engine_tok_s"] / res["vllm_tok_s"])
     assert res["tokens_equal"] and res["logprobs_max_diff"] < 1e-5  # the same samples, row for row
     # The engine never runs more row-steps nor reads more cache than the static loop, and never less
     # than the work itself.
@@ -135,3 +140,63 @@ def test_oracle_lengths_match_r1_distill():
     # static loop (one window of 7 slots) reads 7 slots per row for both of its two steps.
     assert minimum_slots_read(np.array([3, 2]), 4) == 16
     assert static_slots_read(np.array([3, 2]), 4, (7,)) == 28
+
+
+# A stand-in for the two names of vLLM that realjax/tools/bench/vllm_runner.py uses, for an interpreter without vLLM:
+# it checks the runner's arguments and the exported model, and returns each row's requested tokens
+# (FAKE_VLLM_SHORT=1: one token short, as a vLLM that stopped early would).
+FAKE_VLLM = '''
+import json, os
+from pathlib import Path
+
+__version__ = "fake"
+
+
+class SamplingParams:
+    def __init__(self, *, temperature, min_tokens, max_tokens, ignore_eos, detokenize):
+        assert temperature > 0 and min_tokens == max_tokens and ignore_eos and not detokenize
+        self.tokens = max_tokens - (os.environ.get("FAKE_VLLM_SHORT") == "1")
+
+
+class LLM:
+    def __init__(self, *, model, skip_tokenizer_init, dtype, seed, max_model_len):
+        assert skip_tokenizer_init and dtype == "float32"
+        assert list(Path(model).glob("*.safetensors"))  # the exported weights
+        self.vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+        self.max_model_len = max_model_len
+
+    def generate(self, prompts, params, use_tqdm):
+        class Out:
+            def __init__(self, ids):
+                self.outputs = [type("Completion", (), {"token_ids": ids})]
+        assert len(prompts) == len(params)
+        for p, sp in zip(prompts, params):
+            assert max(p["prompt_token_ids"]) < self.vocab and len(p["prompt_token_ids"]) + sp.tokens <= self.max_model_len
+        return [Out(list(range(sp.tokens))) for sp in params]
+'''
+
+
+def _fake_vllm_python(tmp_path):
+    """An interpreter (this one) that imports the fake vllm above: the real subprocess and JSON protocol."""
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{tmp_path}" exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    return str(python)
+
+
+def test_vllm_baseline_must_do_the_same_work(tmp_path, monkeypatch):
+    from realjax.tools.bench.vllm_baseline import VllmFailed, run_vllm
+    from realjax.models import init_model
+
+    model = init_model(bench.preset_config("tiny", layers=1), seed=0)
+    python = _fake_vllm_python(tmp_path)
+    got = run_vllm(python, model, np.array([[1, 2, 3]]), np.array([4, 2]), group_size=2, temperature=0.6, repeats=1)
+    assert got["vllm_tok_s"] == pytest.approx(6 / got["vllm_s"])
+    monkeypatch.setenv("FAKE_VLLM_SHORT", "1")
+    with pytest.raises(VllmFailed, match="other lengths"):
+        run_vllm(python, model, np.array([[1, 2, 3]]), np.array([4, 2]), group_size=2, temperature=0.6, repeats=1)
+    with pytest.raises(VllmFailed, match="exited 1"):  # an interpreter without vLLM
+        run_vllm(sys.executable, model, np.array([[1, 2, 3]]), np.array([4, 2]), group_size=2, temperature=0.6,
+                 repeats=1)

@@ -12,7 +12,7 @@ from realjax import sharding as shd
 from realjax.data import batch_prompts
 from realjax.models import from_pretrained
 from realjax.sampling import Engine, Sampler, SamplingConfig
-from realjax.sampling.engine import bucket_sizes
+from realjax.sampling.schedule import bucket_sizes, simulate
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [20, 21, 22], [23], [30, 31, 32, 33, 34]]
 
@@ -66,6 +66,9 @@ def _check(model, cfg, *, slots, compact_every, group_size=2, stop=False):
         assert sizes[0] <= slots and engine.trace_counts["insert"] >= 1
     # Compaction runs fewer row-steps than the static loop's rows x longest row.
     assert engine.stats.row_steps < budgets.size * (budgets.max() - 1)
+    if not stop:  # rows end at their budgets: `realjax compile`'s schedule is the engine's, chunk for chunk
+        assert engine.stats.chunks == simulate(budgets, prompt=8, new=cfg.max_new_tokens, slots=slots, multiple=1,
+                                               compact_every=compact_every, window_tokens=cfg.window_tokens)
     return want
 
 
@@ -100,6 +103,16 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path):
     got = _run(engine, sharded, budgets=budgets, mesh=mesh, prompts=prompts)
     _assert_same(got, want)
     assert all(b % 4 == 0 for b, _, _ in engine.stats.chunks)  # batch axis stays divisible by data x fsdp
+    assert engine.stats.chunks == simulate(budgets, prompt=8, new=10, slots=4, multiple=4, compact_every=4,
+                                           window_tokens=10)
+
+
+def test_simulated_schedule_without_a_model():
+    # 3 rows of 5, 2 and 9 tokens in 2 slots, 2 steps a chunk, windows of 3: rows 0 and 1 run first (their
+    # first token comes at insert); row 1 ends in chunk 1 and row 2 takes its slot; row 0 ends in chunk 2
+    # and row 2 goes on alone in a bucket of 1. Each window covers the longest row's tokens + 2, in 3s.
+    chunks = simulate([5, 2, 9], prompt=4, new=9, slots=2, multiple=1, compact_every=2, window_tokens=3)
+    assert chunks == [(2, 4 + 3, 2), (2, 4 + 6, 2), (1, 4 + 6, 2), (1, 4 + 6, 2), (1, 4 + 9, 2)]
 
 
 def test_bucket_sizes_are_few_and_divisible():

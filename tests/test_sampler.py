@@ -11,6 +11,7 @@ from realjax import sharding as shd
 from realjax.data import batch_prompts
 from realjax.models import KVCache, from_pretrained
 from realjax.sampling import Sampler, SamplingConfig, choose, decode_windows, truncate
+from realjax.sampling.strategies import block_width, categorical
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 
@@ -116,6 +117,39 @@ def test_sampled_frequencies_match_the_distribution(cfg, support):
     stat, dof = _chi_square(np.bincount(np.asarray(tokens), minlength=6), probs)
     critical = {2: 13.82, 5: 20.52}[dof]  # chi-square quantile at p = 0.999
     assert stat < critical
+
+
+@pytest.mark.parametrize("vocab", [97, 120])  # 9 blocks of 10 and a short last one of 7; 10 blocks of 12
+def test_blocked_categorical_matches_the_float64_softmax(vocab):
+    """``categorical`` (a block, then a token in it) draws each token with its softmax probability,
+    -inf entries and a whole -inf block never, on logits spread over several orders of magnitude."""
+    rng = np.random.default_rng(vocab)
+    z = rng.normal(0.0, 1.5, vocab)
+    z[rng.choice(vocab, vocab // 5, replace=False)] = -np.inf
+    w = block_width(vocab)
+    z[w:2 * w] = -np.inf  # the second block is empty
+    n = 40000
+    keys = jax.random.split(jax.random.key(1), n)
+    tokens = jax.jit(categorical)(keys, jnp.broadcast_to(jnp.asarray(z, jnp.float32), (n, vocab)))
+    probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    stat, dof = _chi_square(np.bincount(np.asarray(tokens), minlength=vocab), probs)
+    assert stat < chi2_quantile_999(dof), (stat, dof)
+
+
+def test_blocked_categorical_draws_do_not_depend_on_the_batch():
+    """A row's draw depends on its key and logits only: alone, or inside a batch in another order."""
+    z = jax.random.normal(jax.random.key(2), (16, 2374)) * 3  # 2 x 1187: blocks of 49, a short last one
+    keys = jax.random.split(jax.random.key(3), 16)
+    draw = jax.jit(categorical)
+    batch = np.asarray(draw(keys, z))
+    perm = np.random.default_rng(0).permutation(16)
+    np.testing.assert_array_equal(np.asarray(draw(keys[perm], z[perm])), batch[perm])
+    assert [int(draw(keys[i:i + 1], z[i:i + 1])[0]) for i in range(3)] == batch[:3].tolist()
+
+
+def chi2_quantile_999(dof: int) -> float:
+    """The chi-square quantile at p = 0.999 (Wilson-Hilferty: within 0.5% for dof >= 20)."""
+    return dof * (1 - 2 / (9 * dof) + 3.0902 * np.sqrt(2 / (9 * dof))) ** 3
 
 
 def test_stop_ids_end_rows_independently(tiny):

@@ -12,6 +12,7 @@ import jax
 
 from realjax.tools.bench.common import machine, preset_config
 from realjax.tools.bench.gpu import bench_gpu
+from realjax.tools.bench.packing import bench_packed_update
 from realjax.tools.bench.rl_step import bench_rl_step
 from realjax.tools.bench.rollout import bench_rollout
 from realjax.tools.bench.sampler import bench_sampler
@@ -47,6 +48,11 @@ def run(args) -> int:
             res = bench_sampler(preset_config(args.preset, layers=args.layers), batch=args.batch, prompt=args.prompt,
                                 new=args.new, repeats=args.repeats, baseline=not args.no_baseline,
                                 bandwidth_mb=args.bandwidth_mb)
+        elif args.bench == "update" and args.lengths:
+            res = bench_packed_update(preset_config(args.preset, layers=args.layers), rows=args.rows,
+                                      prompt=args.prompt, response=args.response, group_size=args.group_size,
+                                      lengths=args.lengths, repeats=args.repeats,
+                                      tokens_per_micro_batch=args.tokens_per_micro_batch)
         elif args.bench == "update":
             res = bench_update(preset_config(args.preset, layers=args.layers), rows=args.rows, prompt=args.prompt,
                                response=args.response, group_size=args.group_size, repeats=args.repeats,
@@ -56,7 +62,7 @@ def run(args) -> int:
                                 group_size=args.group_size, prompt=args.prompt, new=args.new, lengths=args.lengths,
                                 slots=args.slots, compact_every=args.compact_every,
                                 window_tokens=args.window_tokens, temperature=args.temperature,
-                                repeats=args.repeats)
+                                repeats=args.repeats, vllm_python=args.vllm_python)
         elif args.bench == "rl-step":
             res = bench_rl_step(args.config, steps=args.steps, overrides=args.overrides)
         else:

@@ -15,6 +15,7 @@ from realjax.config import ConfigError, demo_config_path, load_config
 from realjax.tools.aot.compile import compile_report
 from realjax.tools.aot.report import format_report
 from realjax.tools.aot.topology import TpuUnavailable, parse_topology
+from realjax.tools.bench.rollout import oracle_lengths
 
 
 def _host_is_cpu() -> None:
@@ -30,8 +31,9 @@ def run(args) -> int:
     try:
         cfg = load_config(args.config or demo_config_path(), args.overrides)
         parse_topology(args.topology)
+        oracle_lengths(args.lengths, 1, 1)  # an unknown name fails now, not after minutes of compiling
         t0 = time.perf_counter()
-        rep = compile_report(cfg, args.topology, log=lambda message: print(
+        rep = compile_report(cfg, args.topology, lengths=args.lengths, log=lambda message: print(
             f"realjax compile: {time.perf_counter() - t0:5.0f} s {message}", file=sys.stderr, flush=True))
     except (ConfigError, TpuUnavailable, ValueError) as e:
         raise CliError(str(e).splitlines()[0]) from None

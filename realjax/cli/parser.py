@@ -88,6 +88,8 @@ def _add_compile(sub):
                                        "FLOPs, fits or not (exit 0 fits, 1 does not, 2 error)")
     p.add_argument("--config", help="YAML experiment file (default: the demo)")
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v5p-32, v4-8, v5e-16, v6e-8")
+    p.add_argument("--lengths", default="r1-distill", help="also price the rollout on the engine under these "
+                                                           "response lengths: r1-distill | all-max | uniform")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for train")
     p.set_defaults(func=_lazy("compile"))
@@ -118,6 +120,10 @@ def _add_bench(sub):
     q.add_argument("--response", type=int, default=128)
     q.add_argument("--group-size", type=int, default=4)
     q.add_argument("--no-baseline", action="store_true", help="skip torch")
+    q.add_argument("--lengths", help="r1-distill | all-max | uniform: rows of these response lengths, packed vs "
+                                     "padded (realjax.tools.bench.packing) instead of full rows vs torch")
+    q.add_argument("--tokens-per-micro-batch", type=int, default=0, help="with --lengths: the packing budget "
+                                                                         "(0 = the batch's real tokens)")
     q = which.add_parser("rl-step", help="whole RL steps of a config: rollout/verifier/scoring/update/host split")
     q.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     q.add_argument("--config", help="YAML experiment file (default: the demo)")
@@ -134,6 +140,8 @@ def _add_bench(sub):
     q.add_argument("--compact-every", type=int, default=16, help="engine decode steps between compactions")
     q.add_argument("--window-tokens", type=int, default=32, help="attention window growth (both samplers)")
     q.add_argument("--temperature", type=float, default=0.6)
+    q.add_argument("--vllm-python", metavar="PATH", help="also run vLLM (the interpreter of its venv) on the same "
+                                                         "weights, prompts and lengths")
     q = which.add_parser("gpu", help="GPU: copy bandwidth, bf16 matmul, batch-1 decode roofline, learner MFU")
     model_args(q, "deepseek-r1-distill-qwen-1.5b", 0, 5)
     q.add_argument("--prompt", type=int, default=128)

@@ -62,7 +62,7 @@ class LoraConfig:
 
     def __post_init__(self):
         if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+            raise ValueError(f"rank must be >= 1 (0 turns LoRA off), got {self.rank}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         bad = [t for t in self.targets if t not in LORA_TARGETS]

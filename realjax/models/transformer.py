@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from realjax.models.attention import attention, full_attention
 from realjax.models.config import ModelConfig
 from realjax.models import lora
 from realjax.models.kv_cache import KVCache, write_at
 from realjax.sharding import constrain, named
 
-_NEG = float(np.finfo(np.float32).min)  # finite, so a row with no visible key gives a uniform softmax, not NaN
 _INIT = nnx.initializers.normal(0.02)
 
 
@@ -132,31 +132,23 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, key_mask_BS, kv=None, end=None):
         """Attend from the T new tokens; ``kv = (k_BKSH, v_BKSH)`` is this layer's cache, written at
-        slot ``end``. Returns the output and the updated ``(k, v)`` (None without a cache)."""
-        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        slot ``end``. Without a cache ``key_mask_BS`` is a bool key mask or, for a packed batch, int32
+        segment ids (``realjax.models.attention.full_attention``). Returns the output and the updated
+        ``(k, v)`` (None without a cache)."""
+        dt = jnp.dtype(self.cfg.dtype)
         B, T, _ = x_BTD.shape
-        K, G, H = cfg.num_kv_heads, cfg.queries_per_kv, cfg.head_dim
         q_BTNH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
-        S = key_mask_BS.shape[1]  # without a cache S = T; with one, the cache's window (KVCache.span)
         if kv is None:
-            k_S, v_S, kv_spec, q_slot_T, new_kv = k_BTKH, v_BTKH, "BSKH", jnp.arange(T), None
+            out_BTNH, new_kv = full_attention(q_BTNH, k_BTKH, v_BTKH, key_mask_BS), None
         else:  # ``end``: one slot clock [] or one per row [B] (KVCache)
+            S = key_mask_BS.shape[1]  # the cache's window (KVCache.span)
             k_S = write_at(kv[0], k_BTKH.transpose(0, 2, 1, 3).astype(kv[0].dtype), end, axis=2)
             v_S = write_at(kv[1], v_BTKH.transpose(0, 2, 1, 3).astype(kv[1].dtype), end, axis=2)
-            kv_spec, new_kv = "BKSH", (k_S, v_S)
-            q_slot_T = jnp.expand_dims(end, -1) + jnp.arange(T)  # [T] or [B, T]
+            new_kv = (k_S, v_S)
+            q_slot_BT = jnp.broadcast_to(jnp.expand_dims(end, -1) + jnp.arange(T), (B, T))
             # Read slots [0, S) only: a long decode then never streams the cache's unwritten tail.
-            k_S, v_S = k_S[:, :, :S], v_S[:, :, :S]
-        q_slot_BT = jnp.broadcast_to(q_slot_T, (B, T))
-        visible_BTS = (jnp.arange(S)[None, None, :] <= q_slot_BT[:, :, None]) & key_mask_BS[:, None, :]
-        q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
-        # Grouped-query attention without repeating K/V: the G query heads of a kv head share it.
-        logits_BKGTS = jnp.einsum(f"BTKGH,{kv_spec}->BKGTS", q_BTKGH, k_S.astype(dt),
-                                  preferred_element_type=jnp.float32) * (H ** -0.5)
-        logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, _NEG)
-        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
-        out_BTKGH = jnp.einsum(f"BKGTS,{kv_spec}->BTKGH", probs_BKGTS, v_S.astype(dt))
-        out_BTNH = out_BTKGH.reshape(B, T, K * G, H)
+            out_BTNH = attention(q_BTNH, k_S[:, :, :S], v_S[:, :, :S], q_slot_BT=q_slot_BT, key_mask_BS=key_mask_BS,
+                                 kv_layout="BKSH")
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(dt))
         return lora.adapt(self, "o", out_BTNH, out_BTD, dt), new_kv
 
@@ -225,12 +217,14 @@ class Transformer(nnx.Module):
         return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
     def hidden_states(self, input_ids_BT, positions_BT=None, mask_BT=None, cache: KVCache | None = None,
-                      *, embeds_BTD=None):
+                      *, embeds_BTD=None, segment_ids_BT=None):
         """Final-normed hidden states [B, T, D] and the updated cache (None without one).
 
         ``mask_BT`` marks real tokens (1) and padding (0); ``positions_BT`` defaults to the count of real
         tokens before each token. With a cache, the T tokens are written at slots ``[end, end + T)``.
-        ``embeds_BTD`` replaces the embedding lookup (soft prompts, gradient checks).
+        ``embeds_BTD`` replaces the embedding lookup (soft prompts, gradient checks). ``segment_ids_BT``
+        (int32, no cache) makes this a packed batch: each row holds several sequences, a token attends
+        only to earlier tokens of its own segment (0 = padding), ``positions_BT`` restart in each.
         """
         cfg = self.cfg
         B, T = input_ids_BT.shape
@@ -241,7 +235,7 @@ class Transformer(nnx.Module):
         x_BTD = embeds_BTD.astype(cfg.dtype)
         x_BTD = constrain(x_BTD, ("batch", "length", None))
         if cache is None:
-            key_mask_BS, end = mask_BT, None
+            key_mask_BS, end = (mask_BT if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)), None
         else:
             full_mask_BS = write_at(cache.mask, mask_BT, cache.end, axis=1)
             key_mask_BS, end = full_mask_BS[:, :cache.span], cache.end

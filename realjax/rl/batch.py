@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from realjax.rl.packing import Packing
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +26,8 @@ class UpdateBatch:
     ``old_logp_BA`` holds the log-probs the loss uses as the old policy (the sampler's, or a recomputation);
     ``ref_logp_BA`` is set only for objectives with a reference-KL term; ``sampler_logp_BA`` (what the
     sampler reported, the behaviour policy) only with a mismatch correction (``rollout.is_correction``),
-    beside the recomputed ``old_logp_BA``.
+    beside the recomputed ``old_logp_BA``. ``packing`` (``realjax.rl.packing``) runs the rows packed end to
+    end; it indexes the rows of one cut, so it is set after :meth:`cut`.
     """
 
     prompt_ids_BQ: Any  # int32
@@ -36,6 +39,7 @@ class UpdateBatch:
     rewards_B: Any  # float32
     ref_logp_BA: Any = None  # float32 or None
     sampler_logp_BA: Any = None  # float32 or None
+    packing: Any = None  # realjax.rl.packing.Packing of the rows (set after the cut), or None: padded rows
 
     @property
     def rows(self) -> int:
@@ -56,19 +60,27 @@ class UpdateBatch:
 
     @classmethod
     def spec(cls, lead: tuple[int, ...], prompt_len: int, response_len: int, *, with_ref: bool,
-             sharding=None, with_sampler: bool = False) -> "UpdateBatch":
+             sharding=None, with_sampler: bool = False, packed_sequences: int = 0) -> "UpdateBatch":
         """The abstract batch (``jax.ShapeDtypeStruct`` leaves) with leading dims ``lead``; ``sharding``
-        maps a shape to the leaf's sharding (AOT compiles)."""
+        maps a shape to the leaf's sharding (AOT compiles); ``packed_sequences``: the rows packed into that
+        many sequences of ``prompt_len + response_len - 1`` tokens (0: padded rows)."""
         def leaf(tail, dtype):
             shape = tuple(lead) + tail
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(shape) if sharding else None)
+
+        def packed_leaf(zc):  # [lead[:-1], Z, C]: the sequences take the rows' place (and sharding)
+            shape = tuple(lead[:-1]) + zc
+            return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding(shape) if sharding else None)
 
         q, a = (prompt_len,), (response_len,)
         return cls(prompt_ids_BQ=leaf(q, jnp.int32), prompt_mask_BQ=leaf(q, jnp.int32), tokens_BA=leaf(a, jnp.int32),
                    resp_mask_BA=leaf(a, jnp.float32), row_mask_B=leaf((), jnp.float32),
                    old_logp_BA=leaf(a, jnp.float32), rewards_B=leaf((), jnp.float32),
                    ref_logp_BA=leaf(a, jnp.float32) if with_ref else None,
-                   sampler_logp_BA=leaf(a, jnp.float32) if with_sampler else None)
+                   sampler_logp_BA=leaf(a, jnp.float32) if with_sampler else None,
+                   packing=None if not packed_sequences else Packing(*(
+                       packed_leaf((packed_sequences, prompt_len + response_len - 1)) for _ in range(3)),
+                       dst_BA=leaf(a, jnp.int32)))
 
 
 @jax.tree_util.register_dataclass

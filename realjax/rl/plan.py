@@ -19,7 +19,9 @@ from realjax import sharding as shd
 from realjax.config import Config, ConfigError
 from realjax.losses import get_terms
 from realjax.models import lora as lora_lib
-from realjax.rl.batch import TrainState
+from realjax.models.attention import AttentionError, Backend, resolve_backend
+from realjax.rl.batch import TrainState, UpdateBatch
+from realjax.rl.packing import pack_batch, sequence_buckets
 from realjax.rl.update import make_optimizer, make_scoring_fn, make_update_step
 from realjax.sampling import SamplingConfig
 
@@ -42,6 +44,7 @@ class RunPlan:
     recompute_old_logp: bool  # one scoring pass recomputes old log-probs before the updates
     scoring_chunks: int  # row chunks of a scoring pass (one micro-batch's rows each)
     eval_prompts_per_call: int  # prompts per evaluation sampler call (``eval.n`` rows each)
+    attention: Backend = Backend()  # the learner's attention back end (model.attention, resolved)
     lora: Any = None  # realjax.models.LoraConfig of a LoRA policy (adapters train, the base is frozen); None
 
     @property
@@ -63,7 +66,24 @@ class RunPlan:
         return self.rows_per_step // (o.mini_batches * o.micro_batches)
 
     def _learner_kw(self) -> dict:
-        return dict(temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.model.logprob_chunk_tokens)
+        return dict(temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.model.logprob_chunk_tokens,
+                    attention=self.attention)
+
+    def packed_sequences(self, rows: int, seq_len: int) -> int:
+        """The budget's packed sequence count for ``rows`` rows of ``seq_len`` input tokens (the shape
+        ``realjax compile`` models); 0 without packing."""
+        budget = self.cfg.optim.tokens_per_micro_batch
+        if not budget:
+            return 0
+        return sequence_buckets(rows, seq_len, budget, shd.batch_rows_multiple(self.mesh, shd.TRAIN_RULES))[0]
+
+    def pack(self, batch: UpdateBatch) -> UpdateBatch:
+        """A cut host batch ``[M, rows, ...]`` with its packing (``optim.tokens_per_micro_batch``), or as is."""
+        budget = self.cfg.optim.tokens_per_micro_batch
+        if not budget:
+            return batch
+        return pack_batch(batch, tokens_per_micro_batch=budget,
+                          multiple=shd.batch_rows_multiple(self.mesh, shd.TRAIN_RULES))
 
     def update_step(self, graphdef):
         """The jitted ``(TrainState, UpdateBatch [M, rows, ...]) -> (TrainState, metrics)``."""
@@ -119,6 +139,13 @@ def make_plan(cfg: Config, mesh: Mesh, *, compute_dtype: str, abstract_params, s
                          "a full fine-tuning plan the whole state")
     _check_mesh_divides(cfg, mesh)
     o, r, e = cfg.optim, cfg.rollout, cfg.eval
+    _check_packing(cfg)
+    try:
+        attention = resolve_backend(cfg.model.attention, mesh.devices.flat[0].platform, compute_dtype)
+    except AttentionError as err:
+        raise ConfigError(f"model.attention: {err}") from None
+    batch_spec = shd.logical_to_spec(("batch",), (0,), mesh, shd.TRAIN_RULES)[0]  # None, an axis or a tuple
+    batch_axes = (batch_spec,) if isinstance(batch_spec, str) else tuple(batch_spec or ())
     optimizer = make_optimizer(o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2,
                                eps=o.eps, schedule=o.schedule, warmup_updates=o.warmup_steps * o.mini_batches,
                                total_updates=cfg.trainer.steps * o.mini_batches)
@@ -142,11 +169,22 @@ def make_plan(cfg: Config, mesh: Mesh, *, compute_dtype: str, abstract_params, s
                                                          mesh, shd.ROLLOUT_RULES),
                    sampling=rollout, eval_sampling=evaluation, loss_hparams=hparams, use_ref=use_ref,
                    recompute_old_logp=recompute, scoring_chunks=o.mini_batches * o.micro_batches,
-                   eval_prompts_per_call=eval_prompts_per_call(cfg), lora=lora)
+                   eval_prompts_per_call=eval_prompts_per_call(cfg),
+                   attention=Backend(name=attention, mesh=mesh, batch_axes=batch_axes), lora=lora)
 
 
 def eval_prompts_per_call(cfg: Config) -> int:
     return cfg.eval.prompts_per_call or cfg.rollout.prompts_per_call or 8
+
+
+def _check_packing(cfg: Config) -> None:
+    """A token budget that holds a whole micro-batch padded would only add work."""
+    r, o = cfg.rollout, cfg.optim
+    rows = r.prompts_per_step * r.group_size // (o.mini_batches * o.micro_batches)
+    padded = rows * (cfg.data.max_prompt_tokens + r.max_new_tokens - 1)
+    if o.tokens_per_micro_batch >= padded > 0:
+        raise ConfigError(f"optim.tokens_per_micro_batch={o.tokens_per_micro_batch} holds the {rows} rows of a micro-batch "
+                          f"padded ({padded} tokens): packing would only add work; lower it or set 0 (padded rows)")
 
 
 def opt_state_shardings(abstract_opt, param_shardings, mesh: Mesh):

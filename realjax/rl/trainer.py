@@ -213,8 +213,9 @@ class Trainer:
                            old_logp_BA=batch.old_logp, rewards_B=batch.rewards)
 
     def _place(self, batch: UpdateBatch, parts: int) -> UpdateBatch:
-        """[rows, ...] -> [parts, rows / parts, ...] on the mesh (each part is whole groups)."""
-        return shd.put_batch(batch.cut(parts), self.mesh, shd.TRAIN_RULES, axis=1)
+        """[rows, ...] -> [parts, rows / parts, ...] on the mesh (each part is whole groups), packed when
+        configured."""
+        return shd.put_batch(self.plan.pack(batch.cut(parts)), self.mesh, shd.TRAIN_RULES, axis=1)
 
     def _old_and_ref_logp(self, batch: UpdateBatch, step: int) -> tuple[UpdateBatch, dict]:
         """Recompute old log-probs when configured (or, to measure the mismatch, now and then); reference

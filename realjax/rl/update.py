@@ -22,12 +22,17 @@ from realjax.grad_weights import RowGrads, grad_weight_metrics, row_grads
 from realjax.is_correction import is_weights
 from realjax.losses import LossTerms, Mean
 from realjax.models import lora
+from realjax.models.attention import Backend, use_backend
 from realjax.models.logprobs import token_logprobs
 from realjax.rl.batch import TrainState, UpdateBatch
+from realjax.rl.packing import packed_logprobs
 
 
 def policy_logprobs(model, batch: UpdateBatch, *, temperature: float, chunk_tokens: int):
-    """(logp [B, A], entropy [B, A]) of the response tokens under the tempered policy."""
+    """(logp [B, A], entropy [B, A]) of the response tokens under the tempered policy (run on the packed
+    sequences when the batch carries a packing)."""
+    if batch.packing is not None:
+        return packed_logprobs(model, batch, temperature=temperature, chunk_tokens=chunk_tokens)
     Q = batch.prompt_ids_BQ.shape[1]
     ids_BT = jnp.concatenate([batch.prompt_ids_BQ, batch.tokens_BA[:, :-1]], axis=1)
     mask_BT = jnp.concatenate([batch.prompt_mask_BQ, batch.resp_mask_BA[:, :-1]], axis=1).astype(bool)
@@ -78,7 +83,7 @@ def batch_terms(model, batch: UpdateBatch, terms_fn, hparams: dict, *, group_siz
 
 def make_update_step(graphdef, optimizer, terms_fn, hparams: dict, *, group_size: int, temperature: float,
                      chunk_tokens: int, shardings: TrainState | None = None,
-                     is_correction: tuple[str, float] = ("none", 0.0)):
+                     is_correction: tuple[str, float] = ("none", 0.0), attention: Backend = Backend()):
     """The jitted ``(state: TrainState, batch: UpdateBatch, key=None) -> (state, metrics: dict[str, Mean])``.
 
     Gradients and the optimizer see ``state.params`` only; ``state.frozen`` (a LoRA policy's base weights)
@@ -90,9 +95,10 @@ def make_update_step(graphdef, optimizer, terms_fn, hparams: dict, *, group_size
     ``realjax.grad_weights.Max`` for maxima) so
     that the caller can add those of several updates and divide once; counters (valid groups, skipped
     updates) are per-update means. ``shardings``: the state's shardings, kept across steps. ``is_correction``:
-    see :func:`batch_terms`.
+    see :func:`batch_terms`. ``attention``: the back end the model's attention traces with.
     """
 
+    @use_backend(attention)  # at trace time: the scan and grad below trace this body
     def micro(params, frozen, mb: UpdateBatch, key):
         with lora.dropout_rng(key):  # read while tracing: the adapters' masks come from this key
             terms, rows = batch_terms(lora.merge_policy(graphdef, params, frozen), mb, terms_fn, hparams,
@@ -145,11 +151,12 @@ def make_update_step(graphdef, optimizer, terms_fn, hparams: dict, *, group_size
     return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
 
 
-def make_scoring_fn(graphdef, *, temperature: float, chunk_tokens: int):
+def make_scoring_fn(graphdef, *, temperature: float, chunk_tokens: int, attention: Backend = Backend()):
     """Jitted ``(params, batch: UpdateBatch [M, rows, ...], frozen=None) -> (logp, entropy)`` without
     gradient: the old-policy or reference log-probs, one chunk of rows at a time (``frozen``: a LoRA
     policy's base weights beside its adapters ``params``)."""
 
+    @use_backend(attention)
     def score(params, batch: UpdateBatch, frozen=None):
         model = lora.merge_policy(graphdef, params, frozen)
         return jax.lax.map(lambda mb: policy_logprobs(model, mb, temperature=temperature,

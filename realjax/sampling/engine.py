@@ -45,6 +45,7 @@ from flax import nnx
 from realjax import sharding as shd
 from realjax.models.kv_cache import KVCache
 from realjax.sampling.sampler import SampleOutput, draw_next, step_keys, stop_mask
+from realjax.sampling.schedule import call_buckets, chunk_window, fit_bucket
 from realjax.sampling.strategies import SamplingConfig, choose
 
 
@@ -99,18 +100,6 @@ class EngineStats:
         return sum(b * w * s for b, w, s in self.chunks)
 
 
-def bucket_sizes(slots: int, multiple: int = 1) -> tuple[int, ...]:
-    """The batch sizes compaction may use: 4, 5, 6, 7 x 2^e (no bucket wastes more than a fifth of
-    itself on one size too big), rounded up to ``multiple``, up to ``slots`` (always one)."""
-    sizes = {slots}
-    e = 0
-    while 4 << e <= 2 * slots:
-        sizes.update(-(-(m << e) // multiple) * multiple for m in (4, 5, 6, 7))
-        e += 1
-    sizes.update(range(multiple, 4 * multiple, multiple))
-    return tuple(sorted(s for s in sizes if s <= slots))
-
-
 class Engine:
     """Continuous-batching sampler with the static ``Sampler``'s interface and samples.
 
@@ -146,9 +135,8 @@ class Engine:
         P, Tp = prompt_ids.shape
         rows, N = P * group_size, self.cfg.max_new_tokens
         budget = np.full(rows, N, np.int32) if budgets is None else np.minimum(np.asarray(budgets, np.int32), N)
-        cap = min(self.slots or rows, rows)
-        sizes = bucket_sizes(-(-cap // self.multiple) * self.multiple, self.multiple)
-        fit = lambda n: next(s for s in sizes if s >= n)
+        cap, sizes = call_buckets(rows, self.slots, self.multiple)
+        fit = lambda n: fit_bucket(sizes, n)
         self.stats = EngineStats()
         prompts = self._prefill(graphdef, state, prompt_ids, prompt_mask)
         slots, res = self._empty(fit(cap), Tp + N, rows, prompts, key)
@@ -173,9 +161,7 @@ class Engine:
                 live, ends[free] = ~shd.to_host(slots.done_B), Tp
                 if not live.any():
                     continue
-            longest = int(ends[live].max()) - Tp
-            grown = -(-(longest + self.compact_every) // self.cfg.window_tokens) * self.cfg.window_tokens
-            window = Tp + min(N, grown)
+            window = chunk_window(int(ends[live].max()) - Tp, Tp, N, self.compact_every, self.cfg.window_tokens)
             slots, res = self._decode(graphdef, state, self._with_window(slots, window), res)
             # The longest-running live slot advanced on every step the chunk ran.
             started, ends = ends, shd.to_host(slots.cache.end).astype(np.int64)

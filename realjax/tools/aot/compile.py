@@ -35,6 +35,7 @@ overstates decoding several times.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -56,6 +57,7 @@ from realjax.rl.batch import TrainState, UpdateBatch
 from realjax.rl.plan import make_plan
 from realjax.rl.setup import DEMO_ASSET
 from realjax.sampling import Sampler
+from realjax.tools.aot.lengths import rollout_under_lengths
 from realjax.tools.aot.topology import Topology, parse_topology, topology_devices
 
 GiB = 1024 ** 3
@@ -110,6 +112,9 @@ class Program:
     compile_s: float = 0.0
     error: str = ""  # RESOURCE_EXHAUSTED text when XLA cannot fit it
     unread_bytes: float = 0.0  # per chip, one run: argument bytes it never reads (cache beyond its window)
+    window: int = 0  # a decode window's program: the cache slots it reads
+    parts: list = dataclasses.field(default_factory=list)  # decode: the window programs it merges
+    cache_bytes: int = 0  # decode: the KV cache, per chip
 
     @property
     def read_bytes(self) -> float:
@@ -196,10 +201,11 @@ def _abstract_state(cfg, mcfg, mesh, stops) -> _State:
     return _State(graphdef, plan, state, rollout_params, sizes, rollout_graphdef)
 
 
-def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
+def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str = "r1-distill") -> dict:
     """Compile the RL step of ``cfg`` for ``topology`` (e.g. "v5p-8"); per-chip memory, FLOPs, fits.
 
     ``log`` receives a line as each program starts compiling (minutes each at 8k tokens on a small host).
+    ``lengths``: the length distribution the rollout is also priced under (``realjax.tools.aot.lengths``).
     Raises ``TpuUnavailable`` without libtpu, ``ValueError`` for a bad topology or mesh.
     """
     topo = parse_topology(topology)
@@ -228,19 +234,39 @@ def compile_report(cfg, topology: str, *, log=lambda message: None) -> dict:
         chunks = plan.scoring_chunks
         score = Program("score", int(plan.recompute_old_logp) + int(plan.use_ref),
                         f"{chunks} x {rows // chunks} rows x {tp}+{N} tok", b["opt_state"] + b["ref_params"])
-        batch = UpdateBatch.spec((chunks, rows // chunks), tp, N, with_ref=False, sharding=plan.batch_sharding)
+        batch = UpdateBatch.spec((chunks, rows // chunks), tp, N, with_ref=False, sharding=plan.batch_sharding,
+                                 packed_sequences=plan.packed_sequences(rows // chunks, tp + N - 1))
         _compile(score, lambda: plan.scoring_fn(st.graphdef).lower(st.state.params, batch, st.state.frozen), log)
         programs.append(score)
     micro_rows = plan.rows_per_micro_batch
-    update = Program("update", o.mini_batches, f"{o.micro_batches} x {micro_rows} rows x {tp}+{N} tok",
-                     b["ref_params"])
+    packed = plan.packed_sequences(micro_rows, tp + N - 1)
+    update = Program("update", o.mini_batches, f"{o.micro_batches} x {micro_rows} rows x {tp}+{N} tok"
+                     + (f" packed into {packed} x {tp + N - 1}" if packed else ""), b["ref_params"])
     batch = UpdateBatch.spec((o.micro_batches, micro_rows), tp, N, with_ref=plan.use_ref, sharding=plan.batch_sharding,
-                             with_sampler=cfg.rollout.is_correction != "none")  # importance weights need both
+                             with_sampler=cfg.rollout.is_correction != "none",  # importance weights need both
+                             packed_sequences=packed)
     # LoRA dropout draws its masks from a key the trainer passes to each update
     key = (jax.eval_shape(lambda: jax.random.key(0)) if plan.lora is not None and plan.lora.dropout > 0 else None)
     _compile(update, lambda: plan.update_step(st.graphdef).lower(st.state, batch, key), log)
     programs.append(update)
-    return _summarise(cfg, topo, mesh, mcfg, source, programs, b)
+    rep = _summarise(cfg, topo, mesh, mcfg, source, programs, b)
+    if programs[1].parts and not programs[1].error:  # the training decode compiled
+        calls, rows = r.prompts_per_step // per_call, per_call * R
+        price = functools.partial(
+            rollout_under_lengths, lengths, prefill=programs[0], decode=programs[1], chip=topo.chip, prompt=tp,
+            new=N, multiple=shd.batch_rows_multiple(mesh, shd.ROLLOUT_RULES), compact_every=r.compact_every,
+            window_tokens=plan.sampling.window_tokens, compiled_rows=rows)
+        # As configured; and the step's rows in one call through the same slots (refill across the calls:
+        # the longest rows' tail is paid once, not once per call).
+        scenarios = {"rollout_under_lengths": price(rows=rows, calls=calls, prompts=per_call, slots=r.slots)}
+        if calls > 1:
+            scenarios["rollout_under_lengths_one_call"] = price(rows=rows * calls, calls=1, prompts=r.prompts_per_step,
+                                                                slots=min(r.slots or rows, rows))
+        for key, under in scenarios.items():
+            under["step_time_roofline_s"] = (rep["step_time_roofline_s"] - rep["phase_time_roofline_s"]["rollout"]
+                                             + under["rollout_roofline_s"])
+            rep[key] = under
+    return rep
 
 
 def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp: int, group: int, calls: int,
@@ -266,7 +292,7 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     windows, parts, start = sampler.windows(state), [], tp
     for w in windows:  # the steps that write slots [start, w) run in the program for window w
         part = Program(prefix + "decode", w - start, f"window {w}", resident,
-                       unread_bytes=cache_bytes * (1 - w / S))
+                       unread_bytes=cache_bytes * (1 - w / S), window=w)
         _compile(part, lambda w=w: sampler.decode_program.lower(st.rollout_graphdef, st.rollout_params,
                                                         sampler.with_window(state, w)), log)
         parts.append(part)
@@ -274,6 +300,7 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     decode = _merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {S}"
                     + (f", {len(windows)} windows" if len(windows) > 1 else ""), parts)
     decode.runs *= calls  # the parts counted one call's steps
+    decode.parts, decode.cache_bytes = parts, cache_bytes
     return [prefill, decode]
 
 

@@ -55,6 +55,21 @@ def format_report(rep: dict, config: str = "") -> str:
             f"(rollout {_secs(ph['rollout'])}, scoring {_secs(ph['score'])}, updates {_secs(ph['update'])})")
     verdict = (f"{'fits' if rep['fits'] else 'DOES NOT FIT'}: peak {_gib(rep['peak_bytes_per_chip'])} of "
                f"{_gib(rep['hbm_bytes_per_chip'])} GiB per chip")
-    return "\n".join(lines + ["", legend, step, verdict])
+    return "\n".join(lines + ["", legend, step, *_lengths_line(rep), verdict])
 
 
+def _lengths_line(rep: dict) -> list[str]:
+    """The rollout on the engine under a length distribution, beside the all-max bound."""
+    allmax, lines = rep["phase_time_roofline_s"]["rollout"], []
+    for key in ("rollout_under_lengths", "rollout_under_lengths_one_call"):
+        u = rep.get(key)
+        if not u:
+            continue
+        lines.append(
+            f"rollout under {u['lengths']} lengths (mean {u['mean_tokens']:.0f} tok, {u['cut_at_max']:.1%} cut at the "
+            f"budget) on the engine, {u['calls']} call(s) of {u['rows_per_call']} rows in {u['slots']} slots: "
+            f"{_secs(u['rollout_roofline_s'])} ({u['rollout_roofline_s'] / allmax:.2f} x all-max {_secs(allmax)}), "
+            f"slot utilisation {u['utilisation']:.1%}, {u['decode_programs']} decode programs; RL step "
+            f"{_secs(u['step_time_roofline_s'])}; decode peak with the prompts' cache "
+            f"{_gib(u['engine_decode_peak_bytes_per_chip'])} GiB")
+    return lines

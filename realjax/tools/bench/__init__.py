@@ -14,6 +14,7 @@ is noisy, so each report carries the load average it ran under.
 * ``update``: tokens/s of one REAL update (forward, backward, clip, AdamW) vs the same step in torch
   (transformers Qwen2 + REAL written in torch + torch.optim.AdamW; target >= 1.5x), and vs the compute
   bound: the step's FLOPs (``update_flops``) at the rate of a large fp32 matmul measured in this run.
+  With ``--lengths`` (``packing``): rows of realistic lengths, packed vs padded, in real tokens/s.
 * ``rl-step``: whole RL steps of a config (default: the demo) through ``Trainer``; the split of a step
   from its ``time/*`` metrics (target: verifier + host < 10% of a step).
 * ``gpu``: the card's copy bandwidth and bf16 matmul rate; batch-1 decode of the 1.5B preset vs the HBM

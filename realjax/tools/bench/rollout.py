@@ -16,7 +16,9 @@ vs useful tokens (slot utilisation; the first token of each row, drawn from the 
 row-step); KV-cache bytes attention read vs the minimum (each live row reads its own prompt and tokens
 once per step); and the engine's ratios to the static sampler. Targets (ISSUE 16; documented, never
 asserted): with ``r1-distill``, utilisation >= 85%, >= 1.6x faster, KV bytes <= 1.3x the minimum;
-with ``--slots`` = rows / 4, utilisation >= 80%.
+with ``--slots`` = rows / 4, utilisation >= 80%. ``--vllm-python PATH`` adds vLLM on the same weights,
+prompts and lengths (``realjax.tools.bench.vllm_baseline``): its useful tokens/s and the engine's ratio to it (target
+>= 1.0x).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from flax import nnx
 from realjax.models import init_model
 from realjax.sampling import Engine, Sampler, SamplingConfig, decode_windows
 from realjax.tools.bench.timing import interleaved, median
+from realjax.tools.bench.vllm_baseline import run_vllm
 
 LENGTHS = ("r1-distill", "all-max", "uniform")
 
@@ -65,7 +68,8 @@ def minimum_slots_read(lengths: np.ndarray, prompt: int) -> int:
 
 
 def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, lengths: str, slots: int,
-                  compact_every: int, window_tokens: int, temperature: float, repeats: int, seed: int = 0) -> dict:
+                  compact_every: int, window_tokens: int, temperature: float, repeats: int, seed: int = 0,
+                  vllm_python: str | None = None) -> dict:
     if rows % group_size:
         raise ValueError(f"rows ({rows}) must be a multiple of group_size ({group_size})")
     model = init_model(cfg, seed=0)
@@ -98,7 +102,7 @@ def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, len
     static_kv = static_slots_read(budget_B, prompt, decode_windows(prompt, new, window_tokens))
     engine_kv = engine.stats.cache_slots_read
     s_static, s_engine = median(rounds["static"], "s"), median(rounds["engine"], "s")
-    return {
+    res = {
         "config": f"{cfg.family} L={cfg.num_layers} D={cfg.hidden_size} V={cfg.vocab_size} {cfg.dtype}",
         "lengths": lengths, "rows": rows, "group_size": group_size, "prompt": prompt, "new_tokens": new,
         "slots": slots or rows, "compact_every": compact_every, "window_tokens": window_tokens,
@@ -118,4 +122,10 @@ def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, len
         "rows_equal": float(np.mean((outputs["static"].tokens == outputs["engine"].tokens).all(axis=1))),
         "logprobs_max_diff": float(np.abs(outputs["static"].logprobs - outputs["engine"].logprobs).max()),
     }
+    if vllm_python:  # after realjax's rounds: the two never share the cores
+        res.update(run_vllm(vllm_python, model, np.asarray(ids), budget_B, group_size=group_size,
+                            temperature=temperature, repeats=repeats, seed=seed))
+        res.update(engine_vs_vllm=res["engine_tok_s"] / res["vllm_tok_s"],
+                   static_vs_vllm=res["static_tok_s"] / res["vllm_tok_s"])
+    return res
 

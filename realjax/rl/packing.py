@@ -1,0 +1,181 @@
+"""Packed rollouts: the learner's rows of different lengths laid end to end in fixed-length sequences.
+
+A padded micro-batch runs every row at the full ``Q + A - 1`` positions; with R1-Distill-like lengths about
+half of them are padding. Packing puts each row's real tokens (its prompt without left padding and its
+response up to the last scored token) into ``Z`` sequences of ``C = Q + A - 1`` tokens, longest rows first
+into the first sequence with room (first-fit decreasing). Each row is one segment: it attends causally
+within itself only (``realjax.models.attention``) and its RoPE positions restart at 0, so every real token
+sees exactly what it saw padded. Log-probs and entropies are gathered back to the ``[B, A]`` layout, so
+the losses and the exact accumulation over micro-batches do not change.
+
+The plan is numpy on the host from the masks alone, deterministic (a stable sort), so every process of a
+multi-host run, holding the same global batch, derives the same plan. ``Z`` comes from a bounded set (the
+token budget's sequence count, grown by a quarter at a time, at most one sequence per row), and all
+micro-batches of an update share the largest, so an update compiles for a few shapes at most.
+
+Axis letters (``realjax/__init__``): Z packed sequences, C tokens of a packed sequence; B, Q, A, M as in
+``realjax.rl.batch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from realjax.models.logprobs import token_logprobs
+
+
+class PackingError(ValueError):
+    """Rows that cannot be packed as asked (a scored token after padding, a sequence count that does not fit)."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Where each row's tokens sit in the packed sequences (int32; one micro-batch, or ``[M, ...]``).
+
+    ``src_ZC``: flat index into the row-major model input ``[B, T]`` (``T = Q + A - 1``) of the token at each
+    packed slot (0 on padding slots). ``segment_ids_ZC``: 1, 2, ... for the rows of a sequence, 0 padding.
+    ``positions_ZC``: the token's RoPE position in its row. ``dst_BA``: flat index into ``[Z * C]`` of the
+    slot whose next-token prediction scores response token ``(b, a)``; -1 where nothing is scored (padding;
+    a row with an empty response is not packed at all). Rows dropped whole (``row_mask_B``) are packed
+    like the others: their log-probs feed the scoring pass's metrics as they do padded.
+    """
+
+    src_ZC: Any
+    segment_ids_ZC: Any
+    positions_ZC: Any
+    dst_BA: Any
+
+
+def row_spans(prompt_mask_BQ, resp_mask_BA) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per row, the model-input positions it must run (ascending) and the ``[B, A]`` input position that
+    predicts each scored response token (-1 if unscored).
+
+    A row's input is ``[prompt | response[:-1]]``; response token ``a`` is predicted at input ``Q - 1 + a``.
+    Only real tokens up to the last scored prediction are kept.
+    """
+    pm, rm = (np.asarray(x) > 0 for x in (prompt_mask_BQ, resp_mask_BA))
+    B, Q = pm.shape
+    A = rm.shape[1]
+    real_BT = np.concatenate([pm, rm[:, :-1]], axis=1)
+    pred_BA = np.where(rm, Q - 1 + np.arange(A)[None, :], -1)
+    rows = []
+    for b in range(B):
+        preds = pred_BA[b][pred_BA[b] >= 0]
+        if preds.size == 0:
+            rows.append(np.zeros((0,), np.int64))
+            continue
+        if not real_BT[b, preds].all():
+            raise PackingError(f"row {b}: a scored response token is predicted from a padding position (masks "
+                               "must be a left-padded prompt and a response prefix)")
+        positions = np.flatnonzero(real_BT[b])
+        rows.append(positions[positions <= preds.max()])
+    return rows, pred_BA
+
+
+def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Row indices per sequence: longest first, each into the first sequence with room (deterministic)."""
+    order = np.argsort(-lengths, kind="stable")
+    room, bins = [], []
+    for b in order:
+        n = int(lengths[b])
+        if n == 0:
+            continue
+        if n > capacity:
+            raise PackingError(f"a row of {n} tokens does not fit a packed sequence of {capacity}")
+        fits = np.flatnonzero(np.asarray(room) >= n) if room else []
+        if len(fits):
+            room[fits[0]] -= n
+            bins[fits[0]].append(int(b))
+        else:
+            room.append(capacity - n)
+            bins.append([int(b)])
+    return bins
+
+
+def sequence_buckets(rows: int, seq_len: int, tokens_per_micro_batch: int, multiple: int) -> tuple[int, ...]:
+    """The packed sequence counts a micro-batch of ``rows`` may use, ascending: the budget's count (at least
+    ``multiple``, the data-parallel devices, and a multiple of it), then up by a quarter at a time until one
+    sequence per row. A quarter bounds the padding a bucket adds to 25% while the set stays logarithmic in
+    rows (about 15 shapes from 10 to 256 sequences; doubling would waste up to half)."""
+    up = lambda n: -(-n // multiple) * multiple
+    most = up(rows)
+    z = max(multiple, up(tokens_per_micro_batch // seq_len))
+    out = []
+    while z < most:
+        out.append(z)
+        z = max(z + multiple, up(-(-5 * z // 4)))
+    return tuple(out) + (most,)
+
+
+def pack(prompt_mask_BQ, resp_mask_BA, *, sequences: int) -> Packing:
+    """The packing of one micro-batch into ``sequences`` sequences of ``Q + A - 1`` tokens (numpy)."""
+    spans, pred_BA = row_spans(prompt_mask_BQ, resp_mask_BA)
+    B, A = pred_BA.shape
+    C = np.shape(prompt_mask_BQ)[1] + A - 1
+    bins = first_fit_decreasing(np.array([len(s) for s in spans]), C)
+    if len(bins) > sequences:
+        raise PackingError(f"the rows need {len(bins)} packed sequences, {sequences} were given")
+    src = np.zeros((sequences, C), np.int32)
+    seg = np.zeros((sequences, C), np.int32)
+    pos = np.zeros((sequences, C), np.int32)
+    dst = np.full((B, A), -1, np.int32)
+    for z, members in enumerate(bins):
+        at = 0
+        for i, b in enumerate(members):
+            span = spans[b]
+            n = len(span)
+            src[z, at:at + n] = b * C + span
+            seg[z, at:at + n] = i + 1
+            pos[z, at:at + n] = np.arange(n)
+            # The packed slot of input position p is at + (rank of p in the span).
+            scored = pred_BA[b] >= 0
+            dst[b, scored] = z * C + at + np.searchsorted(span, pred_BA[b, scored])
+            at += n
+    return Packing(src_ZC=src, segment_ids_ZC=seg, positions_ZC=pos, dst_BA=dst)
+
+
+def sequences_needed(prompt_mask_BQ, resp_mask_BA) -> int:
+    spans, _ = row_spans(prompt_mask_BQ, resp_mask_BA)
+    C = np.shape(prompt_mask_BQ)[1] + np.shape(resp_mask_BA)[1] - 1
+    return len(first_fit_decreasing(np.array([len(s) for s in spans]), C))
+
+
+def pack_batch(batch, *, tokens_per_micro_batch: int, multiple: int = 1):
+    """``batch`` (an ``UpdateBatch`` of host arrays ``[M, rows, ...]``) with its ``packing`` set: every
+    micro-batch packed into the same number of sequences, the smallest bucket that fits the fullest one."""
+    pm, rm = (np.asarray(x) for x in (batch.prompt_mask_BQ, batch.resp_mask_BA))
+    M, rows = rm.shape[:2]
+    C = pm.shape[-1] + rm.shape[-1] - 1
+    need = max(sequences_needed(pm[m], rm[m]) for m in range(M))
+    buckets = sequence_buckets(rows, C, tokens_per_micro_batch, multiple)
+    z = next(b for b in buckets if b >= need)  # the last bucket is one sequence per row: always fits
+    parts = [pack(pm[m], rm[m], sequences=z) for m in range(M)]
+    return batch.replace(packing=jax.tree.map(lambda *xs: np.stack(xs), *parts))
+
+
+def packed_tokens(packing: Packing) -> int:
+    """Real tokens the packed sequences hold (the work the learner cannot avoid)."""
+    return int((np.asarray(packing.segment_ids_ZC) > 0).sum())
+
+
+def packed_logprobs(model, batch, *, temperature: float, chunk_tokens: int):
+    """(logp [B, A], entropy [B, A]) of the response tokens of ``batch`` (one micro-batch whose ``packing``
+    is set), computed on the packed sequences; 0 where nothing is scored (the losses mask those)."""
+    p = batch.packing
+    Z, C = p.src_ZC.shape
+    ids_BT = jnp.concatenate([batch.prompt_ids_BQ, batch.tokens_BA[:, :-1]], axis=1)
+    ids_ZC = ids_BT.reshape(-1)[p.src_ZC]
+    h_ZCD, _ = model.hidden_states(ids_ZC, p.positions_ZC, segment_ids_BT=p.segment_ids_ZC)
+    # Each scoring slot's target is its row's next response token; other slots score token 0, unread.
+    at = jnp.where(p.dst_BA >= 0, p.dst_BA, Z * C).reshape(-1)
+    targets_ZC = jnp.zeros((Z * C,), jnp.int32).at[at].set(batch.tokens_BA.reshape(-1), mode="drop").reshape(Z, C)
+    logp_ZC, entropy_ZC = token_logprobs(model, h_ZCD, targets_ZC, temperature=temperature, chunk_tokens=chunk_tokens)
+    scored_BA = p.dst_BA >= 0
+    back = lambda x_ZC: jnp.where(scored_BA, x_ZC.reshape(-1)[jnp.maximum(p.dst_BA, 0)], 0.0)
+    return back(logp_ZC), back(entropy_ZC)

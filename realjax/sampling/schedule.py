@@ -1,0 +1,76 @@
+"""The engine's host schedule: which bucket and window each decode chunk runs, and for how many steps.
+
+``Engine`` takes these decisions between chunks from the slots' done flags; ``simulate`` takes the same
+decisions from known per-row lengths (rows that end only at their budget, as the length oracle of
+``realjax bench rollout`` makes them), so that ``realjax compile`` can price a rollout under a length
+distribution with the engine's own buckets and windows. A test holds the two to the same chunks.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+
+def bucket_sizes(slots: int, multiple: int = 1) -> tuple[int, ...]:
+    """The batch sizes compaction may use: 4, 5, 6, 7 x 2^e (no bucket wastes more than a fifth of
+    itself on one size too big), rounded up to ``multiple``, up to ``slots`` (always one)."""
+    sizes = {slots}
+    e = 0
+    while 4 << e <= 2 * slots:
+        sizes.update(-(-(m << e) // multiple) * multiple for m in (4, 5, 6, 7))
+        e += 1
+    sizes.update(range(multiple, 4 * multiple, multiple))
+    return tuple(sorted(s for s in sizes if s <= slots))
+
+
+def call_buckets(rows: int, slots: int, multiple: int) -> tuple[int, tuple[int, ...]]:
+    """``(cap, sizes)`` for a call of ``rows`` rows: at most ``slots`` rows decode at once (0 = all of
+    them), and the buckets, multiples of ``multiple`` (the data-parallel devices), up to the cap."""
+    cap = min(slots or rows, rows)
+    return cap, bucket_sizes(-(-cap // multiple) * multiple, multiple)
+
+
+def fit_bucket(sizes: tuple[int, ...], n: int) -> int:
+    """The smallest bucket that holds ``n`` rows."""
+    return next(s for s in sizes if s >= n)
+
+
+def chunk_window(longest: int, prompt: int, new: int, compact_every: int, window_tokens: int) -> int:
+    """The cache window of a chunk whose longest live row has generated ``longest`` tokens: room for
+    ``compact_every`` more, rounded up to ``window_tokens`` (the static sampler's windows), at most the
+    whole cache."""
+    grown = -(-(longest + compact_every) // window_tokens) * window_tokens
+    return prompt + min(new, grown)
+
+
+def simulate(lengths, *, prompt: int, new: int, slots: int, multiple: int, compact_every: int,
+             window_tokens: int) -> list[tuple[int, int, int]]:
+    """The ``(bucket, window, steps)`` chunks ``Engine`` runs for one call whose rows (in queue order)
+    end after ``lengths`` tokens each (at most ``new``), with no stop id met earlier."""
+    budget = np.minimum(np.asarray(lengths, np.int64), new)
+    cap, sizes = call_buckets(budget.size, slots, multiple)
+    queue = collections.deque(budget.tolist())
+    # Per slot: tokens its row has generated, and has still to generate (0 = a free slot).
+    made, left = np.zeros(fit_bucket(sizes, cap), np.int64), np.zeros(fit_bucket(sizes, cap), np.int64)
+    chunks = []
+    while left.any() or queue:
+        live = left > 0
+        want = fit_bucket(sizes, min(int(live.sum()) + len(queue), cap))
+        if want < left.size:  # live slots first, then free ones to fill the bucket
+            order = np.concatenate([np.flatnonzero(live), np.flatnonzero(~live)])[:want]
+            made, left = made[order], left[order]
+        for slot in np.flatnonzero(left == 0)[:len(queue)]:
+            n = queue.popleft()  # the row's first token comes from its prompt's logits, at insert
+            made[slot], left[slot] = 1, n - 1
+        live = left > 0
+        if not live.any():
+            continue
+        # The chunk runs until every row is done or for compact_every steps.
+        steps = min(compact_every, int(left.max()))
+        window = chunk_window(int(made[live].max()) - 1, prompt, new, compact_every, window_tokens)
+        chunks.append((left.size, window, steps))
+        ran = np.minimum(left, steps)
+        made, left = made + ran, left - ran
+    return chunks

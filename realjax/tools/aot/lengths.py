@@ -1,0 +1,59 @@
+"""The rollout bound under a length distribution, beside ``realjax compile``'s all-max bound.
+
+The all-max bound prices every row at the full budget N, as the static sampler runs. Training's rollouts
+run on the continuous-batching engine, which decodes only live rows: here a call's rows get lengths from
+the same named distributions as ``realjax bench rollout`` (``oracle_lengths``), the engine's own host
+schedule turns them into chunks of (bucket, window, steps) (``realjax.sampling.schedule.simulate``, held
+equal to the engine by its tests; with ``rollout.slots`` below a call's rows, queued rows refill free
+slots), and each step is priced like a step of the compiled decode program for that window, scaled to
+the bucket's rows: the weights read once, the KV cache of ``bucket`` rows up to the window, FLOPs in
+proportion to the rows; a step takes max(FLOP time, HBM time). The prefill is the all-max bound's.
+
+Not priced: the engine's compactions and refills (a gather of the live rows' cache, at most once per
+``rollout.compact_every`` steps) and its host decisions between chunks. Memory: the engine's largest
+bucket is the static decode's batch (``rollout.slots`` = 0) or smaller; beside it the engine keeps the
+prompts' prefilled cache (``prompts_per_call`` x prompt slots), added to the decode's peak here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from realjax.sampling.schedule import simulate
+from realjax.tools.bench.rollout import oracle_lengths
+
+
+def rollout_under_lengths(name: str, *, prefill, decode, chip, rows: int, calls: int, prompts: int, prompt: int,
+                          new: int, slots: int, multiple: int, compact_every: int, window_tokens: int,
+                          compiled_rows: int = 0, seed: int = 0) -> dict:
+    """Price one RL step's rollout (``calls`` sampler calls of ``rows`` rows, ``prompts`` prompts each) on
+    the engine under the named length distribution. ``prefill``, ``decode``: the compiled
+    ``realjax.tools.aot.compile.Program``s of a call of ``compiled_rows`` rows (0 = ``rows``), the decode
+    carrying its per-window parts and its KV-cache bytes per chip."""
+    S, compiled_rows = prompt + new, compiled_rows or rows
+    by_window = {p.window: p for p in decode.parts}
+    weights = decode.parts[-1].memory["argument"] - decode.cache_bytes  # all but the cache, per chip
+
+    def step_s(bucket: int, window: int) -> float:
+        part = by_window[window]
+        share = bucket / compiled_rows  # buckets split over the chips as the static batch does
+        read = weights + decode.cache_bytes * share * window / S
+        return max(part.flops * share / chip.peak_flops, read / chip.hbm_bandwidth)
+
+    lengths = oracle_lengths(name, rows * calls, new, seed)
+    decode_s, row_steps, programs = 0.0, 0, set()
+    for call in range(calls):
+        chunks = simulate(lengths[call * rows:(call + 1) * rows], prompt=prompt, new=new, slots=slots,
+                          multiple=multiple, compact_every=compact_every, window_tokens=window_tokens)
+        decode_s += sum(steps * step_s(b, w) for b, w, steps in chunks)
+        row_steps += rows + sum(b * steps for b, _, steps in chunks)  # + each row's first token, at prefill
+        programs.update((b, w) for b, w, _ in chunks)
+    prefill_s = prefill.runs * max(prefill.flops / chip.peak_flops, prefill.read_bytes / chip.hbm_bandwidth)
+    prompts_cache = decode.cache_bytes * prompts * prompt / (compiled_rows * S)
+    return {"lengths": name, "mean_tokens": float(lengths.mean()), "cut_at_max": float(np.mean(lengths == new)),
+            "calls": calls, "rows_per_call": rows, "slots": slots or rows, "compact_every": compact_every, "useful_tokens": int(lengths.sum()),
+            "row_steps": row_steps, "utilisation": float(lengths.sum() / row_steps),
+            "decode_programs": len(programs), "decode_s": decode_s, "prefill_s": prefill_s,
+            "rollout_roofline_s": prefill_s + decode_s,
+            "engine_prompts_cache_bytes_per_chip": int(prompts_cache),
+            "engine_decode_peak_bytes_per_chip": int(decode.total + prompts_cache)}

@@ -1,0 +1,235 @@
+"""Packed rollouts: the plan places every real token once, and packed log-probs and updates equal the padded
+ones, on one device and on the 8-device CPU mesh, whatever the rows' lengths."""
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from _toy import toy_batch, toy_model
+from realjax import sharding as shd
+from realjax.losses import TERMS
+from realjax.models.attention import Backend
+from realjax.rl.batch import TrainState
+from realjax.rl.packing import PackingError, pack, pack_batch, packed_tokens, sequence_buckets
+from realjax.rl.update import make_update_step, policy_logprobs
+
+R, Q, A = 4, 5, 7
+DEMO = Path(__file__).resolve().parents[1] / "realjax" / "configs" / "demo.yaml"
+C = Q + A - 1  # a packed sequence holds one full row
+
+
+def _ragged(rows=16):
+    """Rows of very different lengths: a full row (fills a whole packed sequence), a one-token prompt
+    with a one-token response, an empty response (from toy_batch), two rows dropped whole."""
+    b = toy_batch(rows=rows, group_size=R, prompt=Q, response=A, dropped=(5, 14))
+    pm, rm = b.prompt_mask_BQ.copy(), b.resp_mask_BA.copy()
+    pm[0], rm[0] = 1, 1.0
+    pm[3], rm[3] = (np.arange(Q) == Q - 1), (np.arange(A) == 0)
+    pm[9], rm[9] = 1, 1.0
+    return b.replace(prompt_mask_BQ=pm.astype(np.int32), resp_mask_BA=rm.astype(np.float32),
+                     prompt_ids_BQ=(b.prompt_ids_BQ * pm).astype(np.int32),
+                     old_logp_BA=(b.old_logp_BA * rm).astype(np.float32))
+
+
+@functools.lru_cache(maxsize=1)
+def _split():
+    return nnx.split(toy_model(0))
+
+
+def test_plan_places_every_real_token_once():
+    b = _ragged()
+    p = pack(b.prompt_mask_BQ, b.resp_mask_BA, sequences=16)
+    ids_BT = np.concatenate([b.prompt_ids_BQ, b.tokens_BA[:, :-1]], axis=1)
+    real_BT = np.concatenate([b.prompt_mask_BQ, b.resp_mask_BA[:, :-1]], axis=1) > 0
+    used = p.segment_ids_ZC > 0
+    src = p.src_ZC[used]
+    assert len(np.unique(src)) == len(src), "a token packed twice"
+    rows_of = src // C
+    for r in range(16):
+        span = np.sort(src[rows_of == r] % C)
+        if b.resp_mask_BA[r].sum() == 0:
+            assert span.size == 0, "an empty response runs nothing"
+            continue
+        last = Q - 1 + int(b.resp_mask_BA[r].sum()) - 1  # the input predicting the last response token
+        np.testing.assert_array_equal(span, np.flatnonzero(real_BT[r])[np.flatnonzero(real_BT[r]) <= last])
+    full = np.flatnonzero((p.segment_ids_ZC > 0).sum(1) == C)
+    assert len(full) >= 2, "the two full rows each fill a sequence"
+    # Within a segment: positions count up from 0, tokens keep their row order.
+    for z in range(p.src_ZC.shape[0]):
+        for s in set(p.segment_ids_ZC[z][p.segment_ids_ZC[z] > 0]):
+            at = p.segment_ids_ZC[z] == s
+            np.testing.assert_array_equal(p.positions_ZC[z][at], np.arange(at.sum()))
+            assert np.all(np.diff(p.src_ZC[z][at]) > 0)
+    # Each scored token points at the slot holding its predecessor's input token.
+    scored = p.dst_BA >= 0
+    np.testing.assert_array_equal(scored, b.resp_mask_BA > 0)
+    bb, aa = np.nonzero(scored)
+    np.testing.assert_array_equal(p.src_ZC.reshape(-1)[p.dst_BA[scored]], bb * C + Q - 1 + aa)
+    # A row runs its prompt and its response but the last token (which predicts nothing).
+    n_q, n_a = b.prompt_mask_BQ.sum(1), b.resp_mask_BA.sum(1)
+    assert packed_tokens(p) == int(((n_q + n_a - 1) * (n_a > 0)).sum())
+    with pytest.raises(PackingError, match="need"):
+        pack(b.prompt_mask_BQ, b.resp_mask_BA, sequences=2)
+
+
+def test_sequence_counts_come_from_a_bounded_set():
+    assert sequence_buckets(64, 100, 1000, 1) == (10, 13, 17, 22, 28, 35, 44, 55, 64)  # up a quarter at a time
+    assert sequence_buckets(64, 100, 1000, 8) == (16, 24, 32, 40, 56, 64)  # multiples of the devices
+    assert len(sequence_buckets(4096, 100, 1000, 1)) < 30
+    assert sequence_buckets(8, 100, 10, 8) == (8,)
+    b = _ragged().cut(2)
+    packed = pack_batch(b, tokens_per_micro_batch=3 * C, multiple=1)
+    assert packed.packing.src_ZC.shape[:1] == (2,) and packed.packing.src_ZC.shape[1] in (3, 4, 5, 7, 8)
+
+
+def _logprobs(batch, mesh=None, backend=Backend()):
+    graphdef, params = _split()
+    fn = jax.jit(lambda p, mb: policy_logprobs(nnx.merge(graphdef, p), mb, temperature=0.9, chunk_tokens=32))
+    if mesh is not None:
+        batch = shd.put_batch(batch, mesh, axis=0)
+    with_backend = jax.jit(lambda p, mb: _with(backend, lambda: policy_logprobs(
+        nnx.merge(graphdef, p), mb, temperature=0.9, chunk_tokens=32)))
+    return jax.tree.map(np.asarray, (with_backend if backend.name != "xla" else fn)(params, batch))
+
+
+def _with(backend, f):
+    from realjax.models.attention import use_backend
+
+    with use_backend(backend):
+        return f()
+
+
+@pytest.mark.parametrize("devices", [8, pytest.param(1, marks=pytest.mark.slow)])
+def test_packed_logprobs_equal_padded(devices):
+    mesh = shd.make_mesh(None, jax.devices()[:devices]) if devices > 1 else None
+    b = _ragged()
+    padded_logp, padded_ent = _logprobs(b, mesh)
+    packed = pack_batch(b.cut(1), tokens_per_micro_batch=5 * C, multiple=devices)
+    # On 8 devices the 16 rows keep 16 sequences (a multiple of 8), but rows still share sequences and land
+    # on other devices than their own.
+    assert packed.packing.src_ZC.shape[1] < 16 or devices == 8
+    assert packed.packing.segment_ids_ZC.max() >= 2, "sequences must hold several rows"
+    logp, ent = _logprobs(jax.tree.map(lambda x: x[0], packed), mesh)
+    m = b.resp_mask_BA > 0
+    np.testing.assert_allclose(logp[m], padded_logp[m], atol=1e-5)
+    np.testing.assert_allclose(ent[m], padded_ent[m], atol=1e-5)
+    assert (logp[~m] == 0).all()
+
+
+@pytest.mark.slow
+def test_packed_logprobs_equal_padded_on_splash():
+    """The splash back end (Pallas interpret mode on a CPU) on the packed sequences."""
+    b = _ragged()
+    padded_logp, _ = _logprobs(b)
+    packed = jax.tree.map(lambda x: x[0], pack_batch(b.cut(1), tokens_per_micro_batch=5 * C, multiple=1))
+    logp, _ = _logprobs(packed, backend=Backend(name="splash"))
+    m = b.resp_mask_BA > 0
+    np.testing.assert_allclose(logp[m], padded_logp[m], atol=1e-5)
+
+
+def _update(batch, *, micro, packed_budget=0, mesh=None, name="real"):
+    graphdef, params = _split()
+    step = make_update_step(graphdef, optax.sgd(0.5), TERMS[name], {}, group_size=R, temperature=0.9,
+                            chunk_tokens=32)
+    cut = batch.cut(micro)
+    if packed_budget:
+        cut = pack_batch(cut, tokens_per_micro_batch=packed_budget, multiple=1 if mesh is None else 8)
+    if mesh is not None:
+        cut = shd.put_batch(cut, mesh, axis=1)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its state
+    state, metrics = step(TrainState(params, optax.sgd(0.5).init(params)), cut)
+    return jax.tree.map(np.asarray, state.params), {k: float(m.value) for k, m in metrics.items()}
+
+
+@pytest.mark.parametrize("devices,micro,name", [(8, 1, "real"), pytest.param(1, 2, "real", marks=pytest.mark.slow),
+                                                 pytest.param(1, 1, "grpo", marks=pytest.mark.slow)])
+def test_packed_update_equals_padded(devices, micro, name):
+    """One update's parameters and metrics, padded vs packed (micro-batches share one packed shape)."""
+    mesh = shd.make_mesh(None, jax.devices()[:devices]) if devices > 1 else None
+    b = _ragged()
+    start = jax.tree.map(np.asarray, _split()[1])
+    want, m_want = _update(b, micro=micro, mesh=mesh, name=name)
+    got, m_got = _update(b, micro=micro, packed_budget=3 * C, mesh=mesh, name=name)
+    moved = max(float(np.abs(a - s).max()) for a, s in zip(jax.tree.leaves(want), jax.tree.leaves(start)))
+    assert moved > 1e-4, "the update must move the parameters for this test to mean anything"
+    for a, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, a, rtol=1e-4, atol=2e-6)
+    for key in ("loss", "entropy", "grad_norm", "valid_groups"):
+        np.testing.assert_allclose(m_got[key], m_want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install 'realjax[tpu]')")
+def test_packed_update_with_splash_lowers_for_tpu(tmp_path):
+    """`realjax compile` of a one-layer model with packing and splash attention for v5p-8: the scoring-free
+    update (packed into 8 sequences of 31 tokens, a multiple of the 4 fsdp devices) compiles and fits."""
+    import contextlib
+    import io
+    import json
+
+    from realjax.cli import main as cli_main
+    from realjax.rl.setup import DEMO_ASSET
+
+    arch = json.loads((DEMO_ASSET / "config.json").read_text())
+    arch.update(num_hidden_layers=1, hidden_size=64, intermediate_size=128, head_dim=128)
+    (tmp_path / "config.json").write_text(json.dumps(arch))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli_main(["compile", "--topology", "v5p-8", "--json", f"model.path={tmp_path}", "model.attention=splash",
+                       "optim.tokens_per_micro_batch=248", "rollout.max_new_tokens=16", "rollout.prompts_per_step=8",
+                       "rollout.prompts_per_call=4", "data.max_prompt_tokens=16", "data.eval="])
+    rep = json.loads(out.getvalue())
+    update = rep["programs"]["update"]
+    assert rc == 0 and update["fits"] and not update["error"], update
+    assert "packed into 8 x 31" in update["shape"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.tokens_per_micro_batch=-1", "optim.tokens_per_micro_batch must be >= 0"),
+    ("optim.tokens_per_micro_batch=100", "is less than one packed sequence"),
+    ("model.attention=flash", "model.attention: unknown attention back end 'flash'"),
+])
+def test_bad_packing_and_attention_settings_fail_at_load(override, message):
+    from realjax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, override.split())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.tokens_per_micro_batch=10000000", "holds the 64 rows of a micro-batch padded"),
+    ("model.attention=splash", "model.attention: attention back end splash needs a TPU"),
+])
+def test_the_plan_checks_packing_and_attention_against_the_run(override, message):
+    from realjax.config import ConfigError, load_config
+    from realjax.rl.plan import make_plan
+
+    cfg = load_config(DEMO, override.split())
+    graphdef, params = _split()
+    with pytest.raises(ConfigError, match=message):
+        make_plan(cfg, shd.make_mesh(None), compute_dtype="float32", abstract_params=params, stop_ids=(0,))
+
+
+@pytest.mark.slow
+def test_packed_update_bench(capsys):
+    """`realjax bench update --lengths`: runs end to end at a tiny size, both programs give the same loss."""
+    import json
+    import math
+
+    from realjax import cli
+
+    rc = cli.main(["bench", "update", "--preset", "tiny", "--layers", "1", "--repeats", "1", "--rows", "8",
+                   "--prompt", "6", "--response", "24", "--group-size", "2", "--lengths", "r1-distill", "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0
+    for k in ("padded_real_tok_s", "packed_real_tok_s", "ratio", "real_flops", "bound_step_s", "packed_flops"):
+        assert math.isfinite(res[k]) and res[k] > 0, k
+    assert res["packed_sequences"] < 8 and res["real_tokens"] < res["padded_tokens"]
+    assert res["loss_packed"] == pytest.approx(res["loss_padded"], rel=1e-4)
