@@ -11,6 +11,10 @@ What survives what:
   (orbax removes the leftover on the next start).
 * A failed write (full disk, permissions) raises ``WriteFailed`` naming the file and the OS error; older
   checkpoints are only deleted (``keep``) after a newer one is complete, so the last good one stays.
+* A LoRA run's checkpoint holds the adapters and their optimizer state, not the base weights: its record
+  names the base (``base_identity``: path and a hash of its config and weight files), and a restore onto
+  another base is refused (``BaseMismatch``) rather than resuming adapters on weights they were not
+  trained on.
 * Every finished checkpoint gets a manifest of its files' sizes (``MANIFEST``). On restore a checkpoint
   with a missing, emptied or truncated file, or one orbax cannot read, is reported in one line and the
   next older one is used; the damaged directory is renamed ``<step>.damaged`` (kept for inspection, out
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +46,38 @@ MANIFEST = "realjax_manifest.json"
 
 class CheckpointUnreadable(RuntimeError):
     """A checkpoint (or every checkpoint of a run) cannot be read; ``str()`` is one line."""
+
+
+class BaseMismatch(CheckpointUnreadable):
+    """A LoRA checkpoint's adapters were trained on another base model than the run's."""
+
+
+def base_identity(model_path, model_cfg, cfg) -> dict:
+    """What identifies a LoRA run's frozen base: the model directory and a hash of its config.json and of
+    each weight file's name, size and safetensors header (the tensor table; reading it is cheap), or, for
+    random weights of a preset, the preset and the seed."""
+    if model_path is None:
+        return {"preset": cfg.model.preset, "seed": cfg.seed}
+    root = Path(model_path).resolve()
+    h = hashlib.sha256((root / "config.json").read_bytes())
+    for f in sorted(root.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = fh.read(min(n, 1 << 26))
+        h.update(f"{f.name}:{f.stat().st_size}:".encode() + header)
+    return {"path": str(root), "sha256": h.hexdigest()}
+
+
+def check_base(meta: dict, base: dict | None, step: int) -> None:
+    """Raise ``BaseMismatch`` unless checkpoint ``meta`` was written for ``base`` (None: no LoRA)."""
+    saved = meta.get("base")
+    if saved == base or (saved and base and saved.get("sha256") and saved.get("sha256") == base.get("sha256")):
+        return  # (the same files moved to another path are the same base)
+    if base is None:
+        raise BaseMismatch(f"checkpoint step {step} holds LoRA adapters (base {saved}), but model.lora is off")
+    if saved is None:
+        raise BaseMismatch(f"checkpoint step {step} holds no LoRA base record, but model.lora is on")
+    raise BaseMismatch(f"checkpoint step {step} holds adapters for base {saved}, not for this run's base {base}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,12 +20,31 @@ import yaml
 from realjax.is_correction import MODES, ROLLOUT_OBJECTIVES
 from realjax.losses import get_terms, hparam_types, hparams_of
 from realjax.models.attention import check_backend
-from realjax.models.config import check_dtype, check_remat
+from realjax.models.config import LoraConfig, check_dtype, check_remat
 from realjax.sharding import MeshConfig
 
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA policies (``realjax.models.lora``): rank 0 (the default, the paper) trains every weight."""
+
+    rank: int = 0  # r: adapter rank; > 0 freezes the base weights and trains only the adapters
+    alpha: float = 32.0  # the adapters' output is scaled by alpha / rank
+    targets: str = "q,k,v,o,gate,up,down"  # comma-separated projections that get adapters
+    dropout: float = 0.0  # on the adapters' input, in the learner only
+    base_dtype: str = ""  # storage of the frozen base weights ("" = model.param_dtype; bfloat16 halves them)
+
+    def model_config(self):
+        """The model's ``LoraConfig``, or None when off."""
+        if self.rank == 0:
+            return None
+        targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        return LoraConfig(rank=self.rank, alpha=self.alpha, targets=targets, dropout=self.dropout,
+                          base_dtype=self.base_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +59,7 @@ class ModelSection:
     # The learner's attention (realjax.models.attention): auto (splash on TPU, cuDNN on GPU in bf16, else
     # XLA) | xla | cudnn | splash. Decode always runs the XLA back end.
     attention: str = "xla"
+    lora: LoraSection = LoraSection()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,6 +395,7 @@ def validate(cfg: Config) -> None:
     _check("model.dtype", functools.partial(check_dtype, auto=True), cfg.model.dtype)
     _check("model.remat", check_remat, cfg.model.remat)
     _check("model.attention", check_backend, cfg.model.attention)
+    _check("model.lora", LoraSection.model_config, cfg.model.lora)  # the model's LoraConfig checks it
     row = cfg.data.max_prompt_tokens + r.max_new_tokens - 1
     if 0 < o.tokens_per_micro_batch < row:
         raise ConfigError(f"optim.tokens_per_micro_batch={o.tokens_per_micro_batch} is less than one packed sequence: "

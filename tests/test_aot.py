@@ -17,7 +17,8 @@ from realjax.cli import main as cli_main
 from realjax.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PAPER = sorted(CONFIGS.glob("r1_distill_qwen_*.yaml"))
+# the paper's configs; *_lora.yaml are LoRA variants that depart from them (tests/test_lora.py)
+PAPER = sorted(p for p in CONFIGS.glob("r1_distill_qwen_*.yaml") if not p.stem.endswith("_lora"))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install 'realjax[tpu]')")
 

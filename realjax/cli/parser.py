@@ -79,6 +79,7 @@ def _add_export(sub):
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", help="saved dtype (default: the parameter dtype), e.g. bfloat16")
+    p.add_argument("--peft", metavar="DIR", help="LoRA runs: also write the adapters alone in the PEFT layout")
     p.set_defaults(func=_lazy("export"))
 
 

@@ -18,6 +18,7 @@ REMAT = ("none", "full", "dots")
 # saving grows with L, while the few blocks of test and demo models compile in seconds either way and
 # run as the unrolled reference that the scanned path is tested against.
 SCAN_MIN_LAYERS = 8
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter may sit on
 _ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
@@ -46,6 +47,43 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the named projections: ``W' = W + (alpha / rank) A B`` (``realjax.models.lora``).
+
+    ``dropout`` drops the adapter path's input in the learner (never in rollouts, which read merged
+    weights); ``base_dtype`` stores the frozen base weights in another dtype than the adapters ("" = the
+    model's ``param_dtype``; bfloat16 halves them).
+    """
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = LORA_TARGETS
+    dropout: float = 0.0
+    base_dtype: str = ""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1 (0 turns LoRA off), got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            why = f"unknown projection {bad[0]!r}" if bad else "none given" if not self.targets else "a name repeats"
+            raise ValueError(f"targets: {why}; a comma-separated subset of {','.join(LORA_TARGETS)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.base_dtype:
+            try:
+                check_dtype(self.base_dtype)
+            except ValueError as e:
+                raise ValueError(f"base_dtype: {e}") from None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +121,7 @@ class ModelConfig:
     # Trace the scan over layers fully unrolled: the same parameters and function as the scan, for
     # `realjax compile` to count FLOPs (XLA's cost analysis counts a loop body once, i.e. one layer).
     unroll_scan: bool = False
+    lora: LoraConfig | None = None  # adapters (the base weights frozen); None: every weight trains
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -126,6 +165,15 @@ class ModelConfig:
         attn += 2 * H if self.qk_norm else 0
         block = attn + 3 * D * F + 2 * D
         return self.num_layers * block + V * D * (1 if self.tie_word_embeddings else 2) + D
+
+    def num_lora_params(self) -> int:
+        """Adapter parameters (``rank x (fan_in + fan_out)`` per adapted projection); 0 without LoRA."""
+        if self.lora is None:
+            return 0
+        D, N, K, H, F = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size
+        fans = {"q": D + N * H, "k": D + K * H, "v": D + K * H, "o": N * H + D, "gate": D + F, "up": D + F,
+                "down": F + D}
+        return self.num_layers * self.lora.rank * sum(fans[t] for t in self.lora.targets)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from flax import nnx
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from realjax import sharding as shd
-from realjax.models.config import ModelConfig, config_to_hf, load_hf_config
+from realjax.models import lora as lora_lib
+from realjax.models.config import LoraConfig, ModelConfig, config_to_hf, load_hf_config
 from realjax.models.transformer import Transformer, placed_params
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -175,7 +176,8 @@ def init_model(cfg: ModelConfig, *, seed: int = 0, mesh=None, rules=shd.TRAIN_RU
 
 
 def from_pretrained(path, dtype=jnp.float32, mesh=None, *, compute_dtype=None, remat: str = "none",
-                    scan_layers: bool | None = None, rules=shd.TRAIN_RULES) -> Transformer:
+                    scan_layers: bool | None = None, rules=shd.TRAIN_RULES, lora: LoraConfig | None = None,
+                    seed: int = 0) -> Transformer:
     """Load a local HF Qwen2/Qwen2.5/Qwen3/Llama-3 directory as an NNX ``Transformer``.
 
     Args:
@@ -183,13 +185,14 @@ def from_pretrained(path, dtype=jnp.float32, mesh=None, *, compute_dtype=None, r
       dtype: parameter dtype (and the compute dtype unless ``compute_dtype`` is given).
       mesh: place each parameter's shards straight onto this mesh (``rules`` picks the layout).
       scan_layers: stack and scan the blocks (``ModelConfig.scan_layers``; None: by layer count).
+      lora: add fresh adapters (``B = 0``: the loaded model's outputs are unchanged), drawn from ``seed``.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     dt = jnp.dtype(dtype).name
     cfg = load_hf_config(path, param_dtype=dt, dtype=jnp.dtype(compute_dtype or dtype).name, remat=remat,
-                         scan_layers=scan_layers)
+                         scan_layers=scan_layers, lora=lora)
     graphdef, abstract = abstract_model(cfg)
     files = _weight_files(path)
     maps: dict[tuple, list[TensorMap]] = {}
@@ -216,6 +219,10 @@ def from_pretrained(path, dtype=jnp.float32, mesh=None, *, compute_dtype=None, r
         return m.to_ours(raw)
 
     def load(path_, var):
+        if isinstance(var, lora_lib.LoraParam):  # not in the checkpoint: a fresh adapter
+            sharding = None if mesh is None else shd.named(var.get_metadata().get("axes"), var.get_value().shape,
+                                                           mesh, rules)
+            return var.replace(lora_lib.initial_adapter(path_, var, seed, sharding))
         want, to_dtype = var.get_value().shape, np.dtype(var.get_value().dtype)
         if maps[path_][0].layer is None:
             (m,) = maps[path_]
@@ -239,10 +246,19 @@ def save_pretrained(model: Transformer, out_dir, *, dtype=None, max_shard_bytes:
                     tokenizer_from: str | os.PathLike | None = None) -> Path:
     """Write ``config.json`` + safetensors (+ the source's tokenizer files) that transformers loads.
 
-    ``dtype`` is the saved dtype (default: the parameter dtype). In a multi-process run every process
-    must call this (the gathers are collective); only process 0 writes.
+    ``dtype`` is the saved dtype (default: the parameter dtype). A LoRA policy is saved merged
+    (``W + scale A B``: a plain model). In a multi-process run every process must call this (the gathers
+    are collective); only process 0 writes.
     """
     cfg = model.cfg
+    if cfg.lora is not None:
+        adapters, base = lora_lib.split_policy(nnx.state(model), cfg.lora)
+        merged = jax.jit(lambda b, a: lora_lib.merge_adapters(b, a, cfg.lora.scale, cfg.param_dtype))(base, adapters)
+        source = getattr(model, "source", None)
+        model = nnx.merge(abstract_model(cfg.replace(lora=None))[0], merged)
+        cfg = model.cfg
+        if source:
+            model.source = source
     out_dir = Path(out_dir)
     save_dt = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))

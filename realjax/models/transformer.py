@@ -29,6 +29,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 
 from realjax.models.attention import attention, full_attention
 from realjax.models.config import ModelConfig
+from realjax.models import lora
 from realjax.models.kv_cache import KVCache, read_layer, write_at, write_layer
 from realjax.sharding import constrain, named
 
@@ -76,10 +77,10 @@ def _initializer(init, shape, dtype, sharding):
     return jax.jit(lambda key: init(key, shape, dtype), out_shardings=sharding)
 
 
-def _param(rngs, shape, dtype, axes, init=_INIT):
+def _param(rngs, shape, dtype, axes, init=_INIT, kind=nnx.Param):
     (shape, axes), placement, dtype = _stacked(shape, axes), _PLACEMENT.get(), jnp.dtype(dtype)
     sharding = None if placement is None else named(axes, shape, *placement)
-    return nnx.Param(_initializer(init, shape, dtype, sharding)(rngs.params()), axes=axes)
+    return kind(_initializer(init, shape, dtype, sharding)(rngs.params()), axes=axes)
 
 
 class RMSNorm(nnx.Module):
@@ -127,6 +128,8 @@ class Attention(nnx.Module):
         self.k = _param(rngs, (D, K, H), pdt, ("embed", "kv_heads", "head_dim"))  # DKH
         self.v = _param(rngs, (D, K, H), pdt, ("embed", "kv_heads", "head_dim"))  # DKH
         self.o = _param(rngs, (N, H, D), pdt, ("heads", "head_dim", "embed"))  # NHD
+        lora.attach(self, cfg.lora, {"q": "D->NH", "k": "D->KH", "v": "D->KH", "o": "NH->D"}, make=_param,
+                    rngs=rngs, param_dtype=pdt)
         if cfg.attention_bias:
             zeros = nnx.initializers.zeros
             self.q_bias = _param(rngs, (N, H), pdt, ("heads", "head_dim"), zeros)
@@ -141,6 +144,10 @@ class Attention(nnx.Module):
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q[...].astype(dt))
         k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k[...].astype(dt))
         v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v[...].astype(dt))
+        # LoRA adapters (a no-op without them); rollouts read merged weights and have none
+        q_BTNH = lora.adapt(self, "q", x_BTD, q_BTNH, dt)
+        k_BTKH = lora.adapt(self, "k", x_BTD, k_BTKH, dt)
+        v_BTKH = lora.adapt(self, "v", x_BTD, v_BTKH, dt)
         if cfg.attention_bias:
             q_BTNH += self.q_bias[...].astype(dt)
             k_BTKH += self.k_bias[...].astype(dt)
@@ -170,7 +177,7 @@ class Attention(nnx.Module):
             out_BTNH = attention(q_BTNH, read_layer(k_L, layer, S), read_layer(v_L, layer, S), q_slot_BT=q_slot_BT,
                                  key_mask_BS=key_mask_BS, kv_layout="BKSH")
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(dt))
-        return out_BTD, new_kv
+        return lora.adapt(self, "o", out_BTNH, out_BTD, dt), new_kv
 
 
 class MLP(nnx.Module):
@@ -180,12 +187,17 @@ class MLP(nnx.Module):
         self.gate = _param(rngs, (D, F), pdt, ("embed", "mlp"))  # DF
         self.up = _param(rngs, (D, F), pdt, ("embed", "mlp"))  # DF
         self.down = _param(rngs, (F, D), pdt, ("mlp", "embed"))  # FD
+        lora.attach(self, cfg.lora, {"gate": "D->F", "up": "D->F", "down": "F->D"}, make=_param, rngs=rngs,
+                    param_dtype=pdt)
 
     def __call__(self, x_BTD):
         dt = self.dtype
         gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt))
         up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, self.down[...].astype(dt))
+        gate_BTF = lora.adapt(self, "gate", x_BTD, gate_BTF, dt)
+        up_BTF = lora.adapt(self, "up", x_BTD, up_BTF, dt)
+        h_BTF = jax.nn.silu(gate_BTF) * up_BTF
+        return lora.adapt(self, "down", h_BTF, jnp.einsum("BTF,FD->BTD", h_BTF, self.down[...].astype(dt)), dt)
 
 
 class Block(nnx.Module):

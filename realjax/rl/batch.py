@@ -86,12 +86,15 @@ class UpdateBatch:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    """What the learner carries from update to update: the weights, the optimizer state and, for
-    objectives with a reference-KL term, the frozen reference weights (None otherwise)."""
+    """What the learner carries from update to update: the trained weights, the optimizer state and, for
+    objectives with a reference-KL term, the frozen reference weights (None otherwise). A LoRA policy
+    trains its adapters only: ``params`` holds them, ``frozen`` the base weights (which are also its
+    reference policy); without LoRA ``frozen`` is None."""
 
     params: Any
     opt_state: Any
     ref_params: Any = None
+    frozen: Any = None
 
     def replace(self, **fields) -> "TrainState":
         return dataclasses.replace(self, **fields)

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from realjax import sharding as shd
 from realjax.config import Config, ConfigError
 from realjax.losses import get_terms
+from realjax.models import lora as lora_lib
 from realjax.models.attention import AttentionError, Backend, resolve_backend
 from realjax.rl.batch import TrainState, UpdateBatch
 from realjax.rl.packing import pack_batch, sequence_buckets
@@ -33,16 +34,23 @@ class RunPlan:
     mesh: Mesh
     compute_dtype: str
     optimizer: Any  # optax.GradientTransformation; its schedule counts optimizer updates
-    state_shardings: TrainState  # params (TRAIN_RULES), optimizer state like the params it mirrors, reference
-    rollout_shardings: Any  # the weights as rollouts read them (ROLLOUT_RULES)
+    state_shardings: TrainState  # params (TRAIN_RULES), optimizer state like the params it mirrors, reference,
+    # a LoRA policy's frozen base
+    rollout_shardings: Any  # the weights as rollouts read them (ROLLOUT_RULES; LoRA: merged, the plain model's)
     sampling: SamplingConfig  # rollouts
     eval_sampling: SamplingConfig
     loss_hparams: dict[str, Any]  # the objective's own hyper-parameters (others' keys in the config are ignored)
-    use_ref: bool  # GRPO with a KL term keeps frozen reference weights and scores the batch under them
+    use_ref: bool  # GRPO with a KL term scores the batch under reference weights (LoRA: the frozen base)
     recompute_old_logp: bool  # one scoring pass recomputes old log-probs before the updates
     scoring_chunks: int  # row chunks of a scoring pass (one micro-batch's rows each)
     eval_prompts_per_call: int  # prompts per evaluation sampler call (``eval.n`` rows each)
     attention: Backend = Backend()  # the learner's attention back end (model.attention, resolved)
+    lora: Any = None  # realjax.models.LoraConfig of a LoRA policy (adapters train, the base is frozen); None
+
+    @property
+    def ref_is_base(self) -> bool:
+        """The reference policy is a LoRA policy's frozen base: no separate reference copy is kept."""
+        return self.use_ref and self.lora is not None
 
     @property
     def group_size(self) -> int:
@@ -90,7 +98,9 @@ class RunPlan:
 
     @functools.cached_property
     def rollout_view(self):
-        """Jitted ``params -> rollout params``: laid out by the rollout rules and stored in the compute dtype.
+        """Jitted ``(params, frozen=None) -> rollout params``: laid out by the rollout rules and stored in the
+        compute dtype. A LoRA policy's view is the plain model's state with ``W + scale A B`` merged in once
+        here, so decoding costs what it costs without adapters.
 
         The model casts every weight to ``model.dtype`` before using it, so casting once here gives the
         same numbers (the sampler's log-probs stay the trainer's own) while each decode step reads half the
@@ -98,25 +108,35 @@ class RunPlan:
         """
         dt = jnp.dtype(self.compute_dtype)
 
-        def view(params):
+        def view(params, frozen=None):
+            if frozen is not None:
+                return lora_lib.merge_adapters(frozen, params, self.lora.scale, dt)
             return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
         return jax.jit(view, out_shardings=self.rollout_shardings)
 
-    def init_state(self, params) -> TrainState:
-        """The train state around ``params`` (already laid out by ``state_shardings.params``)."""
+    def init_state(self, params, frozen=None) -> TrainState:
+        """The train state around ``params`` (and a LoRA policy's ``frozen`` base), laid out by
+        ``state_shardings``. The optimizer state mirrors ``params`` only."""
         opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
-        ref = jax.tree.map(jnp.copy, params) if self.use_ref else None
-        return TrainState(params, opt_state, ref)
+        ref = jax.tree.map(jnp.copy, params) if self.use_ref and not self.ref_is_base else None
+        return TrainState(params, opt_state, ref, frozen)
 
     def batch_sharding(self, shape: tuple[int, ...]):
         """Sharding of an ``UpdateBatch`` leaf ``[M, rows, ...]``: rows over the batch mesh axes."""
         return shd.batch_sharding(self.mesh, shape, shd.TRAIN_RULES, axis=1)
 
 
-def make_plan(cfg: Config, mesh: Mesh, *, compute_dtype: str, abstract_params, stop_ids: tuple[int, ...]) -> RunPlan:
+def make_plan(cfg: Config, mesh: Mesh, *, compute_dtype: str, abstract_params, stop_ids: tuple[int, ...],
+              abstract_frozen=None) -> RunPlan:
     """Decide everything from ``cfg``, the mesh and the weights' (abstract) state; checks the settings that
-    depend on the mesh (``ConfigError`` naming the key), so they fail before any step."""
+    depend on the mesh (``ConfigError`` naming the key), so they fail before any step. With LoRA
+    (``model.lora.rank`` > 0), ``abstract_params`` are the adapters and ``abstract_frozen`` the base
+    (``realjax.models.lora.split_policy``)."""
+    lora = cfg.model.lora.model_config()
+    if (lora is None) != (abstract_frozen is None):
+        raise ValueError("a LoRA run plan needs the adapters and the frozen base apart (split_policy), "
+                         "a full fine-tuning plan the whole state")
     _check_mesh_divides(cfg, mesh)
     o, r, e = cfg.optim, cfg.rollout, cfg.eval
     _check_packing(cfg)
@@ -133,6 +153,8 @@ def make_plan(cfg: Config, mesh: Mesh, *, compute_dtype: str, abstract_params, s
     opt_sh = opt_state_shardings(jax.eval_shape(optimizer.init, abstract_params), param_sh, mesh)
     hparams = cfg.loss.hparams()
     use_ref = cfg.loss.name == "grpo" and hparams.get("kl_coef", 0.0) > 0
+    frozen_sh = None if lora is None else shd.state_shardings(abstract_frozen, mesh, shd.TRAIN_RULES)
+    ref_sh = param_sh if use_ref and lora is None else None
     # auto: the sampler's incremental numbers equal a full forward pass only in fp32.
     recompute = r.old_logp == "recompute" or (r.old_logp == "auto" and compute_dtype != "float32")
     recompute = recompute or (r.old_logp == "auto" and r.is_correction != "none")  # it needs both policies
@@ -141,12 +163,14 @@ def make_plan(cfg: Config, mesh: Mesh, *, compute_dtype: str, abstract_params, s
     evaluation = SamplingConfig(max_new_tokens=e.max_new_tokens or r.max_new_tokens, temperature=e.temperature,
                                 top_p=e.top_p, top_k=e.top_k, stop_ids=stop_ids, window_tokens=r.window_tokens)
     return RunPlan(cfg=cfg, mesh=mesh, compute_dtype=compute_dtype, optimizer=optimizer,
-                   state_shardings=TrainState(param_sh, opt_sh, param_sh if use_ref else None),
-                   rollout_shardings=shd.state_shardings(abstract_params, mesh, shd.ROLLOUT_RULES),
+                   state_shardings=TrainState(param_sh, opt_sh, ref_sh, frozen_sh),
+                   # a LoRA policy rolls out the plain model: the base's structure, adapters merged in
+                   rollout_shardings=shd.state_shardings(abstract_params if lora is None else abstract_frozen,
+                                                         mesh, shd.ROLLOUT_RULES),
                    sampling=rollout, eval_sampling=evaluation, loss_hparams=hparams, use_ref=use_ref,
                    recompute_old_logp=recompute, scoring_chunks=o.mini_batches * o.micro_batches,
                    eval_prompts_per_call=eval_prompts_per_call(cfg),
-                   attention=Backend(name=attention, mesh=mesh, batch_axes=batch_axes))
+                   attention=Backend(name=attention, mesh=mesh, batch_axes=batch_axes), lora=lora)
 
 
 def eval_prompts_per_call(cfg: Config) -> int:

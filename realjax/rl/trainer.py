@@ -28,13 +28,15 @@ import yaml
 from flax import nnx
 
 from realjax import sharding as shd
-from realjax.checkpoint import Checkpointer
+from realjax.checkpoint import Checkpointer, base_identity, check_base
 from realjax.config import Config, to_dict
 from realjax.data import PromptStream
 from realjax.evaluate import evaluate
 from realjax.is_correction import is_metrics, is_weights
 from realjax.metrics import MetricsWriter
-from realjax.models import from_pretrained, init_model, load_tokenizer, preset, save_pretrained, stop_token_ids
+from realjax.models import (abstract_model, from_pretrained, init_model, load_tokenizer, preset, save_pretrained,
+                            stop_token_ids)
+from realjax.models import lora as lora_lib
 from realjax.models.char_tokenizer import char_tokenizer
 from realjax.models.config import resolve_dtype
 from realjax.plots import plot_run
@@ -63,15 +65,19 @@ class Trainer:
         self.model_path = setup.model_path(cfg)
         self.tokenizer, model = self._load_model()
         self.model_cfg = model.cfg
-        self.graphdef, params = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # LoRA: the adapters train (params), the base is frozen; rollouts run the plain model on merged weights.
+        params, frozen = lora_lib.split_policy(state, self.model_cfg.lora)
+        self.rollout_graphdef = (self.graphdef if self.model_cfg.lora is None else
+                                 abstract_model(self.model_cfg.replace(lora=None))[0])
         stops = (stop_token_ids(self.model_path, self.tokenizer) if self.model_path else
                  (self.tokenizer.eos_token_id,))
         # Every learner and sampler decision, made once; mesh-dependent settings fail here, before any step.
         self.plan = make_plan(cfg, self.mesh, compute_dtype=self.model_cfg.dtype, abstract_params=params,
-                              stop_ids=stops)
+                              stop_ids=stops, abstract_frozen=frozen)
         self._rollout_view = self.plan.rollout_view
         self._build_data()
-        self._build_learner(params)
+        self._build_learner(params, frozen)
         self._build_rollout()
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
         self.step, self.consecutive_skips, self.skipped_total, self.eval_before = 0, 0, 0, {}
@@ -83,12 +89,12 @@ class Trainer:
     def _load_model(self):
         cfg, dtype = self.cfg, resolve_dtype(self.cfg.model.dtype)
         if self.model_path is None:  # random weights of a preset, with the character tokenizer (device checks)
-
             arch = preset(cfg.model.preset, param_dtype=cfg.model.param_dtype, dtype=dtype, remat=cfg.model.remat,
-                          scan_layers=cfg.model.scan_layers)
+                          scan_layers=cfg.model.scan_layers, lora=cfg.model.lora.model_config())
             return char_tokenizer(), init_model(arch, seed=cfg.seed, mesh=self.mesh, rules=shd.TRAIN_RULES)
         model = from_pretrained(self.model_path, dtype=cfg.model.param_dtype, compute_dtype=dtype, mesh=self.mesh,
-                                remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, rules=shd.TRAIN_RULES)
+                                remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, rules=shd.TRAIN_RULES,
+                                lora=cfg.model.lora.model_config(), seed=cfg.seed)
         return load_tokenizer(self.model_path), model
 
     def _build_data(self):
@@ -100,12 +106,16 @@ class Trainer:
         self.stream = PromptStream(self.train_rows, seed=cfg.seed, process_index=jax.process_index(),
                                    process_count=jax.process_count())
 
-    def _build_learner(self, params):
-        self.state: TrainState = self.plan.init_state(params)
+    def _build_learner(self, params, frozen):
+        self.state: TrainState = self.plan.init_state(params, frozen)
         self.update = self.plan.update_step(self.graphdef)
         self.score = self.plan.scoring_fn(self.graphdef)
+        # GRPO's KL reference under LoRA: the frozen base alone, scored as the plain model (no copy kept).
+        self.score_base = self.plan.scoring_fn(self.rollout_graphdef) if self.plan.ref_is_base else None
+        self.base = base_identity(self.model_path, self.model_cfg, self.cfg) if self.plan.lora else None
 
-    # The checkpoint holds the weights and the optimizer state; the reference weights are the initial ones.
+    # The checkpoint holds the trained weights (LoRA: the adapters) and the optimizer state; the reference
+    # weights are the initial ones (LoRA: the base, identified in the checkpoint's record).
     params = property(lambda self: self.state.params,
                       lambda self, value: setattr(self, "state", self.state.replace(params=value)))
     opt_state = property(lambda self: self.state.opt_state,
@@ -172,8 +182,8 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        rollout_params = self._rollout_view(self.params)
-        batch, stats = self.collector.collect(self.graphdef, rollout_params,
+        rollout_params = self._rollout_view(self.params, self.state.frozen)
+        batch, stats = self.collector.collect(self.rollout_graphdef, rollout_params,
                                               lambda: self.stream.next_batch(cfg.rollout.prompts_per_step), key,
                                               dynamic=cfg.rollout.dynamic_sampling,
                                               max_rounds=cfg.rollout.max_sampling_rounds)
@@ -216,7 +226,7 @@ class Trainer:
         placed = self._place(batch, plan.scoring_chunks)
         shape, resp_mask = batch.old_logp_BA.shape, batch.resp_mask_BA
         if plan.recompute_old_logp or check:
-            logp, _ = self.score(self.state.params, placed)
+            logp, _ = self.score(self.state.params, placed, self.state.frozen)
             logp = shd.to_host(logp).reshape(shape)
             diff = np.abs(logp - batch.old_logp_BA) * resp_mask
             metrics["logp_mismatch/max"] = float(diff.max())
@@ -230,7 +240,8 @@ class Trainer:
                                                          cap=r.is_cap, row_mask_B=batch.row_mask_B)))
                 batch = batch.replace(old_logp_BA=old)
         if plan.use_ref:
-            ref, _ = self.score(self.state.ref_params, placed)
+            ref, _ = (self.score_base(self.state.frozen, placed) if plan.ref_is_base else
+                      self.score(self.state.ref_params, placed))
             batch = batch.replace(ref_logp_BA=shd.to_host(ref).reshape(shape))
         return batch, metrics
 
@@ -242,7 +253,10 @@ class Trainer:
         pending = []
         for k in range(o.mini_batches):
             mini = batch.rows_slice(k * per_update, (k + 1) * per_update)
-            self.state, m = self.update(self.state, self._place(mini, o.micro_batches))
+            # LoRA dropout: masks drawn from (seed, step, update), so a resumed run draws the same ones
+            key = (jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.seed + 2), self.step), k)
+                   if self.plan.lora is not None and self.plan.lora.dropout > 0 else None)
+            self.state, m = self.update(self.state, self._place(mini, o.micro_batches), key)
             pending.append(m)
         collected = jax.device_get(pending)
         for m in collected:
@@ -261,7 +275,7 @@ class Trainer:
     # -- evaluation, logging, checkpoints --------------------------------------------------------------
     def _evaluate(self, step: int) -> dict:
         t0 = time.perf_counter()
-        model = nnx.merge(self.graphdef, self._rollout_view(self.params))
+        model = nnx.merge(self.rollout_graphdef, self._rollout_view(self.params, self.state.frozen))
         e = self.cfg.eval
         per_call = self.plan.eval_prompts_per_call
         # The same seed at every evaluation: the curve compares policies on the same random draws.
@@ -291,6 +305,8 @@ class Trainer:
     def _save(self) -> None:
         elapsed = self.elapsed_before + time.perf_counter() - self.t_start
         meta = {**self._meta(), "metrics_rows": self.writer.rows, "elapsed_s": elapsed}
+        if self.base is not None:  # the adapters mean something only on top of this base
+            meta["base"] = self.base
         self.checkpointer.save(self.step, self.params, self.opt_state, meta)
 
     def _restore(self) -> None:
@@ -300,6 +316,7 @@ class Trainer:
         if restored.skipped:
             self.restore_notes = [*restored.skipped, f"resuming from checkpoint step {restored.step} instead "
                                   "(the damaged ones were renamed <step>.damaged)"]
+        check_base(restored.meta, self.base, restored.step)
         self.params, self.opt_state, meta = restored.params, restored.opt_state, restored.meta
         self.resume_rows = meta.get("metrics_rows")  # None: a checkpoint from before rows were counted
         self.elapsed_before = meta.get("elapsed_s", 0.0)
@@ -319,7 +336,9 @@ class Trainer:
         after = self._evaluate(self.step) if self.eval_data else {}
         export = None
         if cfg.trainer.export:
-            export = save_pretrained(nnx.merge(self.graphdef, self.params), self.run_dir / "export",
+            # a LoRA policy is written merged (save_pretrained): a plain HF model
+            export = save_pretrained(lora_lib.merge_policy(self.graphdef, self.params, self.state.frozen),
+                                     self.run_dir / "export",
                                      tokenizer_from=self.model_path)
         plots = None
         if self.main:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from realjax.grad_weights import RowGrads, grad_weight_metrics, row_grads
 from realjax.is_correction import is_weights
 from realjax.losses import LossTerms, Mean
+from realjax.models import lora
 from realjax.models.attention import Backend, use_backend
 from realjax.models.logprobs import token_logprobs
 from realjax.rl.batch import TrainState, UpdateBatch
@@ -84,7 +84,11 @@ def batch_terms(model, batch: UpdateBatch, terms_fn, hparams: dict, *, group_siz
 def make_update_step(graphdef, optimizer, terms_fn, hparams: dict, *, group_size: int, temperature: float,
                      chunk_tokens: int, shardings: TrainState | None = None,
                      is_correction: tuple[str, float] = ("none", 0.0), attention: Backend = Backend()):
-    """The jitted ``(state: TrainState, batch: UpdateBatch) -> (state, metrics: dict[str, Mean])``.
+    """The jitted ``(state: TrainState, batch: UpdateBatch, key=None) -> (state, metrics: dict[str, Mean])``.
+
+    Gradients and the optimizer see ``state.params`` only; ``state.frozen`` (a LoRA policy's base weights)
+    joins them in the forward pass. ``key`` turns on LoRA adapter dropout (micro-batch m draws from
+    ``fold_in(key, m)``); None runs without.
 
     ``batch`` leaves are ``[M, rows, ...]``: M micro-batches of whole groups (``rows`` a multiple of
     ``group_size``). ``terms_fn`` is a ``realjax.losses.TERMS`` entry. The metrics are :class:`Mean`\\ s (and
@@ -95,27 +99,33 @@ def make_update_step(graphdef, optimizer, terms_fn, hparams: dict, *, group_size
     """
 
     @use_backend(attention)  # at trace time: the scan and grad below trace this body
-    def micro(params, mb: UpdateBatch):
-        terms, rows = batch_terms(nnx.merge(graphdef, params), mb, terms_fn, hparams, group_size=group_size,
-                                  temperature=temperature, chunk_tokens=chunk_tokens, is_correction=is_correction)
+    def micro(params, frozen, mb: UpdateBatch, key):
+        with lora.dropout_rng(key):  # read while tracing: the adapters' masks come from this key
+            terms, rows = batch_terms(lora.merge_policy(graphdef, params, frozen), mb, terms_fn, hparams,
+                                      group_size=group_size, temperature=temperature, chunk_tokens=chunk_tokens,
+                                      is_correction=is_correction)
         return terms.loss_sum.total, (terms, rows)
 
     grad_fn = jax.grad(micro, has_aux=True)
 
-    def step(state: TrainState, batch: UpdateBatch):
-        params = state.params
+    def step(state: TrainState, batch: UpdateBatch, key=None):
+        params, frozen = state.params, state.frozen
         n = jax.tree.leaves(batch)[0].shape[0]
+        keys = None if key is None else jax.random.split(key, n)
         if n == 1:  # one micro-batch: no accumulator to fill and add to
-            grads, (terms, rows) = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+            grads, (terms, rows) = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], batch),
+                                           None if keys is None else keys[0])
         else:
-            def accumulate(carry, mb):
-                grads, (terms, rows) = grad_fn(params, mb)
+            def accumulate(carry, xs):
+                mb, k = xs
+                grads, (terms, rows) = grad_fn(params, frozen, mb, k)
                 return jax.tree.map(jnp.add, carry, (grads, terms)), rows  # rows stack: [M, rows]
 
             # Zeros of the (gradients, terms) structure; one copy of the backward program, inside the scan.
-            grads_shape, (terms_shape, _) = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], batch))
+            grads_shape, (terms_shape, _) = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], batch),
+                                                           None if keys is None else keys[0])
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, terms_shape))
-            (grads, terms), rows = jax.lax.scan(accumulate, zeros, batch)
+            (grads, terms), rows = jax.lax.scan(accumulate, zeros, (batch, keys))
         # Divide once by the whole mini-batch's normaliser (parameter-free, so this is its exact gradient).
         weight = terms.loss_sum.weight
         grads = jax.tree.map(lambda g: g / jnp.where(weight > 0, weight, 1.0).astype(g.dtype), grads)
@@ -136,17 +146,19 @@ def make_update_step(graphdef, optimizer, terms_fn, hparams: dict, *, group_size
         return state.replace(params=new_params, opt_state=new_opt), metrics
 
     out_shardings = None if shardings is None else (shardings, None)
-    # The state is replaced every step: donate it so XLA updates in place.
+    # The state is replaced every step: donate it so XLA updates in place (the frozen base included: it
+    # comes back as the same buffers rather than as a copy).
     return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
 
 
 def make_scoring_fn(graphdef, *, temperature: float, chunk_tokens: int, attention: Backend = Backend()):
-    """Jitted ``(params, batch: UpdateBatch [M, rows, ...]) -> (logp, entropy)`` without gradient: the
-    old-policy or reference log-probs, one chunk of rows at a time."""
+    """Jitted ``(params, batch: UpdateBatch [M, rows, ...], frozen=None) -> (logp, entropy)`` without
+    gradient: the old-policy or reference log-probs, one chunk of rows at a time (``frozen``: a LoRA
+    policy's base weights beside its adapters ``params``)."""
 
     @use_backend(attention)
-    def score(params, batch: UpdateBatch):
-        model = nnx.merge(graphdef, params)
+    def score(params, batch: UpdateBatch, frozen=None):
+        model = lora.merge_policy(graphdef, params, frozen)
         return jax.lax.map(lambda mb: policy_logprobs(model, mb, temperature=temperature,
                                                       chunk_tokens=chunk_tokens), batch)
 

@@ -57,6 +57,7 @@ from realjax.config import ConfigError
 from realjax.data import bucket_length
 from realjax.models import abstract_model
 from realjax.models.config import load_hf_config, preset
+from realjax.models.lora import split_policy
 from realjax.rl.batch import TrainState, UpdateBatch
 from realjax.rl.plan import make_plan
 from realjax.rl.setup import DEMO_ASSET
@@ -75,7 +76,8 @@ def architecture(cfg):
     ``model.preset``; compute dtype "auto" is bf16 (the target is a TPU)."""
     m = cfg.model
     dtype = "bfloat16" if m.dtype == "auto" else m.dtype
-    kw = dict(param_dtype=m.param_dtype, dtype=dtype, remat=m.remat, scan_layers=m.scan_layers)
+    kw = dict(param_dtype=m.param_dtype, dtype=dtype, remat=m.remat, scan_layers=m.scan_layers,
+              lora=m.lora.model_config())
     path = DEMO_ASSET if m.path == "demo" else Path(m.path).expanduser()
     if m.path and (path / "config.json").is_file():
         return load_hf_config(path, **kw), str(path)
@@ -192,29 +194,42 @@ class _State:
     plan: Any  # the run plan Trainer would build on this mesh
     state: Any  # TrainState of ShapeDtypeStructs (TRAIN_RULES)
     rollout_params: Any  # ROLLOUT_RULES
-    bytes: dict[str, int]  # per chip: params, opt_state, rollout_params (0: same buffers), ref_params
+    # per chip: params (LoRA: the adapters), opt_state, rollout_params (0: same buffers), ref_params, frozen
+    bytes: dict[str, int]
+    rollout_graphdef: Any = None  # the model rollouts run (LoRA: the plain model on merged weights)
+    rollout_count_graphdef: Any = None  # its layer scan unrolled (None: not scanned)
+
+    def rollout(self) -> "_State":
+        """The state as the sampler's programs see it: the rollout model, counted as such."""
+        return dataclasses.replace(self, graphdef=self.rollout_graphdef, count_graphdef=self.rollout_count_graphdef)
 
 
 def _abstract_state(cfg, mcfg, mesh, stops) -> _State:
     """Weights, optimizer and shardings exactly as ``Trainer`` builds them (its run plan), nothing allocated."""
     graphdef, abstract = abstract_model(mcfg)
-    plan = make_plan(cfg, mesh, compute_dtype=mcfg.dtype, abstract_params=abstract, stop_ids=stops)
+    trained, frozen = split_policy(abstract, mcfg.lora)  # LoRA: adapters train, the base is frozen
+    plan = make_plan(cfg, mesh, compute_dtype=mcfg.dtype, abstract_params=trained, stop_ids=stops,
+                     abstract_frozen=frozen)
     sh = plan.state_shardings
-    params = _abstract(abstract, sh.params)
-    opt_state = _abstract(jax.eval_shape(plan.optimizer.init, abstract), sh.opt_state)
+    params = _abstract(trained, sh.params)
+    frozen = None if frozen is None else _abstract(frozen, sh.frozen)
+    opt_state = _abstract(jax.eval_shape(plan.optimizer.init, trained), sh.opt_state)
     # Rollouts read the trainer's rollout view of the weights (its layout and dtype, from the same function).
-    rollout_params = jax.eval_shape(plan.rollout_view, params)
+    rollout_params = jax.eval_shape(plan.rollout_view, params, frozen)
     # The rollout view lives beside the training weights during rollouts; when layout and dtype agree it
-    # is the same buffers.
-    same = all(a.sharding.spec == b.sharding.spec and a.dtype == b.dtype
-               for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(rollout_params)))
+    # is the same buffers (never for LoRA: the view holds merged weights).
+    same = frozen is None and all(a.sharding.spec == b.sharding.spec and a.dtype == b.dtype
+                                  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(rollout_params)))
     b_params = _bytes_per_chip(params)
+    own_ref = plan.use_ref and not plan.ref_is_base
     sizes = dict(params=b_params, opt_state=_bytes_per_chip(opt_state),
                  rollout_params=0 if same else _bytes_per_chip(rollout_params),
-                 ref_params=b_params if plan.use_ref else 0)
-    state = TrainState(params, opt_state, params if plan.use_ref else None)
-    count_graphdef = abstract_model(mcfg.replace(unroll_scan=True))[0] if mcfg.scanned else None
-    return _State(graphdef, count_graphdef, plan, state, rollout_params, sizes)
+                 ref_params=b_params if own_ref else 0, frozen=0 if frozen is None else _bytes_per_chip(frozen))
+    state = TrainState(params, opt_state, params if own_ref else None, frozen)
+    plain = mcfg if frozen is None else mcfg.replace(lora=None)  # LoRA: rollouts run the plain model
+    rollout_graphdef = graphdef if frozen is None else abstract_model(plain)[0]
+    unrolled = (lambda c: abstract_model(c.replace(unroll_scan=True))[0]) if mcfg.scanned else (lambda c: None)
+    return _State(graphdef, unrolled(mcfg), plan, state, rollout_params, sizes, rollout_graphdef, unrolled(plain))
 
 
 def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str = "r1-distill") -> dict:
@@ -236,7 +251,7 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
 
     # -- rollout: the sampler's prefill and decode (and the evaluation sampler's) --------------------
     # The training weights (when the rollout copy is separate), Adam moments and GRPO's reference stay.
-    resident = (b["params"] if b["rollout_params"] else 0) + b["opt_state"] + b["ref_params"]
+    resident = (b["params"] + b["frozen"] if b["rollout_params"] else 0) + b["opt_state"] + b["ref_params"]
     per_call = r.prompts_per_call or r.prompts_per_step
     programs = _sampler_programs("", plan.sampling, st, mesh, per_call, tp, R, r.prompts_per_step // per_call,
                                  resident, log)
@@ -252,7 +267,7 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
                         f"{chunks} x {rows // chunks} rows x {tp}+{N} tok", b["opt_state"] + b["ref_params"])
         batch = UpdateBatch.spec((chunks, rows // chunks), tp, N, with_ref=False, sharding=plan.batch_sharding,
                                  packed_sequences=plan.packed_sequences(rows // chunks, tp + N - 1))
-        _compile(score, lambda g: plan.scoring_fn(g).lower(st.state.params, batch), log, st)
+        _compile(score, lambda g: plan.scoring_fn(g).lower(st.state.params, batch, st.state.frozen), log, st)
         programs.append(score)
     micro_rows = plan.rows_per_micro_batch
     packed = plan.packed_sequences(micro_rows, tp + N - 1)
@@ -261,7 +276,9 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
     batch = UpdateBatch.spec((o.micro_batches, micro_rows), tp, N, with_ref=plan.use_ref, sharding=plan.batch_sharding,
                              with_sampler=cfg.rollout.is_correction != "none",  # importance weights need both
                              packed_sequences=packed)
-    _compile(update, lambda g: plan.update_step(g).lower(st.state, batch), log, st)
+    # LoRA dropout draws its masks from a key the trainer passes to each update
+    key = (jax.eval_shape(lambda: jax.random.key(0)) if plan.lora is not None and plan.lora.dropout > 0 else None)
+    _compile(update, lambda g: plan.update_step(g).lower(st.state, batch, key), log, st)
     programs.append(update)
     rep = _summarise(cfg, topo, mesh, mcfg, source, programs, b)
     if programs[1].parts and not programs[1].error:  # the training decode compiled
@@ -286,7 +303,7 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
 def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp: int, group: int, calls: int,
                       resident: int, log) -> list[Program]:
     """The sampler's prefill and decode for one call of ``prompts`` x ``group`` rows (``calls`` per step)."""
-    N = sampling.max_new_tokens
+    st, N = st.rollout(), sampling.max_new_tokens
     sampler = Sampler(sampling, pad_id=sampling.stop_ids[0], mesh=mesh, rules=shd.ROLLOUT_RULES)
     ids = jax.ShapeDtypeStruct((prompts, tp), jnp.int32,
                                sharding=shd.batch_sharding(mesh, (prompts, tp), shd.ROLLOUT_RULES))
@@ -366,7 +383,8 @@ def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Prog
         "hbm_bytes_per_chip": chip.hbm_bytes, "peak_flops_per_chip": chip.peak_flops,
         "hbm_bandwidth_per_chip": chip.hbm_bandwidth,
         "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
-        "model": {"source": source, "params": mcfg.num_params(), "param_dtype": mcfg.param_dtype, "dtype": mcfg.dtype,
+        "model": {"source": source, "params": mcfg.num_params(), "lora_params": mcfg.num_lora_params(),
+                  "lora_rank": mcfg.lora.rank if mcfg.lora else 0, "param_dtype": mcfg.param_dtype, "dtype": mcfg.dtype,
                   "remat": mcfg.remat, "logprob_chunk_tokens": cfg.model.logprob_chunk_tokens},
         "state_bytes_per_chip": state_bytes, "programs": out,
         "peak_bytes_per_chip": max(p.total for p in programs),

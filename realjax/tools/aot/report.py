@@ -30,6 +30,9 @@ def format_report(rep: dict, config: str = "") -> str:
              f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}")
     state = (f"state per chip (GiB): weights {_gib(st['params'])}, Adam {_gib(st['opt_state'])}, rollout copy of "
              f"the weights {_gib(st['rollout_params'])}, GRPO reference {_gib(st['ref_params'])}")
+    if m.get("lora_rank"):
+        model += f"; LoRA rank {m['lora_rank']}: {_count(m['lora_params'])} adapter params train"
+        state = state.replace("weights", "adapters", 1) + f", frozen base {_gib(st['frozen'])}"
     columns = ("program", "runs", "one run", "args", "out", "temp", "code", "peak", "+resid", "total", "TFLOP/chip",
                "t_flops", "t_hbm")
     row = "{:<12} {:>6}  {:<40} {:>6} {:>6} {:>6} {:>5} {:>6} {:>6} {:>6}  {:>10} {:>9} {:>9}"
