@@ -14,6 +14,8 @@ DISTRIBUTION = {"yaml": "pyyaml", "orbax": "orbax-checkpoint", "math_verify": "m
                 "tensorboardX": "tensorboardx"}
 # modules that come with an extra, only imported on that extra's code path: (extra, its requirement)
 EXTRAS = {"torch": ("bench", "torch"), "libtpu": ("tpu", "jax"), "wandb": ("wandb", "wandb")}
+# modules imported only by scripts that run in another interpreter, never in realjax's environment
+FOREIGN = {"vllm"}  # realjax/tools/bench/vllm_runner.py runs under `bench rollout --vllm-python PATH`
 
 
 def _imported_modules() -> set[str]:
@@ -24,7 +26,7 @@ def _imported_modules() -> set[str]:
                 mods |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 mods.add(node.module.split(".")[0])
-    return {m for m in mods if m not in sys.stdlib_module_names and m != "realjax"}
+    return {m for m in mods if m not in sys.stdlib_module_names and m != "realjax" and m not in FOREIGN}
 
 
 def _names(requirements) -> set[str]:
