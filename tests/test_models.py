@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _tiny import make_hf_model, torch_logits
+from _tiny import assert_sharded_forward_equals, make_hf_model, torch_logits
 from flax import nnx
 
 from realjax import sharding as shd
@@ -80,17 +80,7 @@ def test_sharded_equals_unsharded(hf_pair, mesh_shape):
     sharded = from_pretrained(d, mesh=mesh)
     q = sharded.layers[0].attn.q[...]
     assert q.sharding.mesh.shape == mesh.shape
-    ids, mask = _ids((8, 12), 3), np.ones((8, 12), int)
-    mask[1, :4] = 0
-
-    def fwd(graphdef, state, ids, mask):
-        with shd.use_rules(mesh):
-            return nnx.merge(graphdef, state)(ids, attention_mask_BT=mask)
-
-    graphdef, state = nnx.split(sharded)
-    got = jax.jit(fwd, static_argnums=0)(graphdef, state, *shd.put_batch((ids, mask), mesh))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(plain(jnp.asarray(ids), attention_mask_BT=jnp.asarray(mask))),
-                               atol=2e-5)
+    assert_sharded_forward_equals(sharded, plain, mesh, _ids((8, 12), 3))
 
 
 @pytest.mark.parametrize("chunk_tokens", [8, 4096])  # 2 positions per chunk; one chunk (logits kept)

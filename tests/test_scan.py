@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _tiny import make_hf_model, torch_logits
+from _tiny import assert_sharded_forward_equals, make_hf_model, torch_logits
 from flax import nnx
 
 from realjax import sharding as shd
@@ -132,17 +132,7 @@ def test_scanned_load_onto_a_mesh_per_shard_equals_unsharded(hf_dir, mesh_shape)
     assert tuple(q.sharding.spec[1:]) == tuple(shd.logical_to_spec(("embed", "heads", "head_dim"), q.shape[1:], mesh,
                                                                    shd.TRAIN_RULES))
     chex.assert_trees_all_equal(_values(nnx.state(sharded, nnx.Param)), _values(nnx.state(plain, nnx.Param)))
-    ids, mask = _ids((8, 12), 3), np.ones((8, 12), int)
-    mask[1, :4] = 0
-
-    def fwd(graphdef, state, ids, mask):
-        with shd.use_rules(mesh):
-            return nnx.merge(graphdef, state)(ids, attention_mask_BT=mask)
-
-    graphdef, state = nnx.split(sharded)
-    got = jax.jit(fwd, static_argnums=0)(graphdef, state, *shd.put_batch((ids, mask), mesh))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(plain(jnp.asarray(ids), attention_mask_BT=jnp.asarray(mask))),
-                               atol=2e-5)
+    assert_sharded_forward_equals(sharded, plain, mesh, _ids((8, 12), 3))
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]

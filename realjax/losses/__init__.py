@@ -105,6 +105,7 @@ def hparams_of(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in INPUT_KWARGS}
 
 
+@functools.cache  # TERMS is fixed at import; config reads (``cfg.loss.tau``) ask often
 def hparam_types() -> dict[str, type]:
     """Every objective's hyper-parameters and their types (from the default, else the annotation): the
     keys a config's ``loss`` section may set. A new objective declares its own here, in its signature."""
