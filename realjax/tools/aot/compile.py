@@ -115,7 +115,9 @@ class Program:
     memory: dict[str, int] = dataclasses.field(default_factory=dict)
     flops: float = 0.0  # per chip, one run
     bytes_accessed: float = 0.0  # per chip, one run
-    compile_s: float = 0.0
+    compile_s: float = 0.0  # XLA's compile (this host's CPU, seconds)
+    lower_s: float = 0.0  # tracing and lowering to StableHLO
+    count_s: float = 0.0  # scanned layers: the FLOP counts of the uncompiled HLO (``_flop_counts``)
     error: str = ""  # RESOURCE_EXHAUSTED text when XLA cannot fit it
     unread_bytes: float = 0.0  # per chip, one run: argument bytes it never reads (cache beyond its window)
     window: int = 0  # a decode window's program: the cache slots it reads
@@ -146,8 +148,10 @@ def _compile(program: Program, lower, log, st: "_State", counts: tuple[float, fl
     (``_flop_counts`` unless given)."""
     log(f"compiling {program.name} ({program.shape})")
     t0 = time.perf_counter()
+    lowered = lower(st.graphdef)
+    program.lower_s, t0 = time.perf_counter() - t0, time.perf_counter()
     try:
-        compiled = lower(st.graphdef).compile()
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         if not _OOM.search(str(e)):
             raise
@@ -168,8 +172,10 @@ def _compile(program: Program, lower, log, st: "_State", counts: tuple[float, fl
     program.flops = float(cost.get("flops", 0.0))
     program.bytes_accessed = float(cost.get("bytes accessed", 0.0))
     if st.count_graphdef is not None:
+        t0 = time.perf_counter()
         unrolled, scanned = counts or _flop_counts(lower, st)
         program.flops *= unrolled / scanned
+        program.count_s = time.perf_counter() - t0
     return compiled
 
 
@@ -321,7 +327,9 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     cache_bytes, S = _bytes_per_chip((state.cache.k, state.cache.v)), state.cache.length
     windows, parts, start = sampler.windows(state), [], tp
     lower = lambda g, w: sampler.decode_program.lower(g, st.rollout_params, sampler.with_window(state, w))
+    t0 = time.perf_counter()
     counts = _window_counts(lower, st, windows)
+    count_s = time.perf_counter() - t0
     for w in windows:  # the steps that write slots [start, w) run in the program for window w
         part = Program(prefix + "decode", w - start, f"window {w}", resident,
                        unread_bytes=cache_bytes * (1 - w / S), window=w)
@@ -332,6 +340,7 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
                     + (f", {len(windows)} windows" if len(windows) > 1 else ""), parts)
     decode.runs *= calls  # the parts counted one call's steps
     decode.parts, decode.cache_bytes = parts, cache_bytes
+    decode.count_s += count_s
     return [prefill, decode]
 
 
@@ -356,7 +365,8 @@ def _merge(name: str, shape: str, parts: list[Program]) -> Program:
     worst = max(parts, key=lambda p: (bool(p.error), p.peak))
     return Program(name, runs, shape, worst.resident_bytes, memory=dict(worst.memory),
                    flops=mean(lambda p: p.flops), bytes_accessed=mean(lambda p: p.bytes_accessed),
-                   compile_s=sum(p.compile_s for p in parts), error=worst.error,
+                   compile_s=sum(p.compile_s for p in parts), lower_s=sum(p.lower_s for p in parts),
+                   count_s=sum(p.count_s for p in parts), error=worst.error,
                    unread_bytes=mean(lambda p: p.unread_bytes))
 
 
@@ -377,7 +387,8 @@ def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Prog
                        "fits": not p.error and p.total <= chip.hbm_bytes, "flops_per_chip": p.flops,
                        "xla_bytes_accessed_per_chip": p.bytes_accessed, "read_bytes_per_chip": p.read_bytes,
                        "time_flops_s": t_flops,
-                       "time_hbm_s": t_hbm, "compile_s": round(p.compile_s, 2), "error": p.error}
+                       "time_hbm_s": t_hbm, "compile_s": round(p.compile_s, 2), "lower_s": round(p.lower_s, 2),
+                       "count_s": round(p.count_s, 2), "error": p.error}
     return {
         "topology": topo.name, "jax_topology": topo.jax_name, "chip": chip.name, "chips": topo.chips,
         "hbm_bytes_per_chip": chip.hbm_bytes, "peak_flops_per_chip": chip.peak_flops,
