@@ -211,7 +211,7 @@ def test_compile_exit_1_when_it_does_not_fit(tiny_report, monkeypatch, capsys):
     """The tiny report as if the update needed more than the chip has: exit 1 and the table says so."""
     rep = json.loads(tiny_report[1])
     rep["programs"]["update"]["fits"] = rep["fits"] = False
-    monkeypatch.setattr(compile_command, "compile_report", lambda cfg, topology, log, lengths: rep)
+    monkeypatch.setattr(compile_command, "compile_report", lambda cfg, topology, **kw: rep)
     assert cli_main(["compile", "--topology", "v5p-8", *TINY]) == 1
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text and "> HBM" in text and "update" in text
@@ -285,6 +285,46 @@ def test_scanned_layers_keep_the_cache_in_place_and_count_every_layer(tmp_path):
     dec, dec_u = scanned["programs"]["decode"], unrolled["programs"]["decode"]
     assert dec_u["temp_bytes"] < 0.1 * cache and dec["temp_bytes"] < 0.1 * cache
     assert dec["output_bytes"] - dec["alias_bytes"] < 0.01 * cache  # the state comes back in its own buffers
+
+
+def _assert_same_numbers(a, b, rel: float, path: str = "") -> None:
+    """Two reports hold the same keys and values: floats to ``rel``, everything else exactly."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same_numbers(a[k], b[k], rel, f"{path}.{k}")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rel, abs=1e-30), path
+    else:
+        assert a == b, path
+
+
+@needs_libtpu
+def test_scanned_flops_from_two_small_unrolled_variants_and_threads_change_no_number(tmp_path, monkeypatch):
+    """A scanned program's FLOPs are scaled by its count with the layer scan unrolled. That count, taken
+    from the same run with 1 and 2 blocks unrolled and extrapolated (the blocks are identical), equals
+    the count of the program unrolled over all 4 blocks; and compiling on two threads changes no number.
+    XLA's HLO cost analysis sums FLOPs in float32 (counts of 1-5 blocks are multiples of 64-256, and
+    their differences vary by ~1e-6), so FLOPs agree to 1e-5; memory and every integer exactly."""
+    from realjax.rl.setup import DEMO_ASSET
+
+    arch = json.loads((DEMO_ASSET / "config.json").read_text())
+    arch.update(num_hidden_layers=4, hidden_size=64, intermediate_size=128, head_dim=16)
+    (tmp_path / "config.json").write_text(json.dumps(arch))
+    shape = [*TINY, "rollout.max_new_tokens=48", "rollout.window_tokens=16", "model.scan_layers=true"]
+
+    def numbers(rep):
+        for p in rep["programs"].values():
+            for k in ("compile_s", "lower_s", "count_s"):
+                assert p.pop(k) >= 0
+        return rep
+
+    fast = numbers(_compile_json(tmp_path, *shape, "--jobs=2"))
+    monkeypatch.setattr(aot, "COUNT_LAYERS", (3, 4))  # the variants: the whole model unrolled, and one block less
+    direct = numbers(_compile_json(tmp_path, *shape, "--jobs=1"))
+    assert fast["programs"]["decode"]["shape"].endswith(", 3 windows")
+    assert set(fast["programs"]) == {"prefill", "decode", "eval_prefill", "eval_decode", "update"}
+    _assert_same_numbers(fast, direct, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ def run(args) -> int:
         oracle_lengths(args.lengths, 1, 1)  # an unknown name fails now, not after minutes of compiling
         t0 = time.perf_counter()
         c0 = time.process_time()  # CPU time of every thread: the compiles may run side by side
-        rep = compile_report(cfg, args.topology, lengths=args.lengths, log=lambda message: print(
+        rep = compile_report(cfg, args.topology, lengths=args.lengths, workers=args.jobs, log=lambda message: print(
             f"realjax compile: {time.perf_counter() - t0:5.0f} s (cpu {time.process_time() - c0:5.0f} s) {message}",
             file=sys.stderr, flush=True))
     except (ConfigError, TpuUnavailable, ValueError) as e:

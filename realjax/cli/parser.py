@@ -91,6 +91,8 @@ def _add_compile(sub):
     p.add_argument("--lengths", default="r1-distill", help="also price the rollout on the engine under these "
                                                            "response lengths: r1-distill | all-max | uniform")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    p.add_argument("--jobs", type=int, default=2, help="programs compiled side by side (threads; default 2: "
+                                                       "each takes a core and a few GiB of host memory)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for train")
     p.set_defaults(func=_lazy("compile"))
 

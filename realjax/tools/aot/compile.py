@@ -31,9 +31,10 @@ read averaged over the steps), a step reading the KV cache only up to its window
 accessed" is kept in the JSON; it counts whole-buffer traffic of in-place cache updates, so it
 overstates decoding several times. For the same reason a model with scanned layers
 (``model.scan_layers``) would count one layer: its FLOPs are the compiled program's times the ratio of
-two uncompiled counts of the whole (unpartitioned) program, one lowered with the layer scan unrolled
-(``ModelConfig.unroll_scan``: same parameters) and one as compiled. Memory and compile time are the
-scanned program's own.
+two uncompiled counts of the whole (unpartitioned) program, with the layer scan unrolled and as
+compiled; the unrolled count comes from the same run with 1 and 2 blocks unrolled
+(``ModelConfig.unroll_scan``), affine in the blocks (``realjax.tools.aot.programs``). Memory and compile
+time are the scanned program's own. Independent programs compile side by side on ``workers`` threads.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.lib import _jax  # private: no public API counts an uncompiled HLO module on another backend
 from jax.sharding import NamedSharding, PartitionSpec
 
 from realjax import sharding as shd
@@ -63,6 +62,7 @@ from realjax.rl.plan import make_plan
 from realjax.rl.setup import DEMO_ASSET
 from realjax.sampling import Sampler
 from realjax.tools.aot.lengths import rollout_under_lengths
+from realjax.tools.aot.programs import COUNT_LAYERS, Jobs, Program, compile_program, merge, window_unrolled_flops
 from realjax.tools.aot.topology import Topology, parse_topology, topology_devices
 
 GiB = 1024 ** 3
@@ -103,115 +103,31 @@ def _bytes_per_chip(tree) -> int:
     return total
 
 
-# ----------------------------------------------------------------------------------------------------
-# Programs
-# ----------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Program:
-    name: str
-    runs: int  # how many times one RL step runs it (decode: steps per call x calls)
-    shape: str  # what one run processes, for the table
-    resident_bytes: int  # live device buffers that are not its arguments
-    memory: dict[str, int] = dataclasses.field(default_factory=dict)
-    flops: float = 0.0  # per chip, one run
-    bytes_accessed: float = 0.0  # per chip, one run
-    compile_s: float = 0.0  # XLA's compile (this host's CPU, seconds)
-    lower_s: float = 0.0  # tracing and lowering to StableHLO
-    count_s: float = 0.0  # scanned layers: the FLOP counts of the uncompiled HLO (``_flop_counts``)
-    error: str = ""  # RESOURCE_EXHAUSTED text when XLA cannot fit it
-    unread_bytes: float = 0.0  # per chip, one run: argument bytes it never reads (cache beyond its window)
-    window: int = 0  # a decode window's program: the cache slots it reads
-    parts: list = dataclasses.field(default_factory=list)  # decode: the window programs it merges
-    cache_bytes: int = 0  # decode: the KV cache, per chip
-
-    @property
-    def read_bytes(self) -> float:
-        """What one run must read at least once: its arguments, less what it provably skips."""
-        return self.memory.get("argument", 0) - self.unread_bytes
-
-    @property
-    def peak(self) -> int:
-        return self.memory.get("peak", 0)
-
-    @property
-    def total(self) -> int:
-        return self.peak + self.resident_bytes
-
-
-_OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory")
-_SIZE = re.compile(r"([\d.]+)([KMGT])\b")
-
-
-def _compile(program: Program, lower, log, st: "_State", counts: tuple[float, float] | None = None) -> Any:
-    """Compile ``lower(graphdef)``'s program for the run's model and fill in ``program``; an out-of-memory
-    compile is recorded. With scanned layers the FLOPs are scaled by unrolled / scanned ``counts``
-    (``_flop_counts`` unless given)."""
-    log(f"compiling {program.name} ({program.shape})")
-    t0 = time.perf_counter()
-    lowered = lower(st.graphdef)
-    program.lower_s, t0 = time.perf_counter() - t0, time.perf_counter()
-    try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-        if not _OOM.search(str(e)):
-            raise
-        program.error = str(e).strip().splitlines()[0][:400]
-        sizes = [float(v) * 1024 ** " KMGT".index(u) for v, u in _SIZE.findall(program.error)]
-        program.memory = {"peak": int(sizes[0]) if sizes else 0}  # "required (X) exceeds available (Y)"
-        program.compile_s = time.perf_counter() - t0
-        return None
-    program.compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    stats = {k: int(getattr(mem, k + "_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp",
-                                                                     "generated_code")}
-    stats["peak"] = int(getattr(mem, "peak_memory_in_bytes", 0) or
-                        stats["argument"] + stats["output"] - stats["alias"] + stats["temp"])
-    program.memory = stats
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    program.flops = float(cost.get("flops", 0.0))
-    program.bytes_accessed = float(cost.get("bytes accessed", 0.0))
-    if st.count_graphdef is not None:
-        t0 = time.perf_counter()
-        unrolled, scanned = counts or _flop_counts(lower, st)
-        program.flops *= unrolled / scanned
-        program.count_s = time.perf_counter() - t0
-    return compiled
-
-
-def _flop_counts(lower, st: "_State") -> tuple[float, float]:
-    """FLOPs of the program with its layer scan unrolled, and as scanned (where XLA counts the scan body
-    once), both counted by XLA's cost analysis on the lowered, unpartitioned HLO.
-
-    The TPU client has no cost analysis of an uncompiled program, so the host CPU client counts it (an
-    HLO count, independent of the target); compiling the unrolled program would cost what scanning saves.
-    """
-    cpu = jax.devices("cpu")[0].client
-    count = lambda graphdef: _jax.hlo_module_cost_analysis(cpu, lower(graphdef)._lowering.hlo().as_hlo_module())["flops"]
-    return count(st.count_graphdef), count(st.graphdef)
-
-
 @dataclasses.dataclass
 class _State:
     """The run's device state, abstract: weights in both layouts, Adam moments, and their sizes per chip."""
 
     graphdef: Any
-    count_graphdef: Any  # the model with its layer scan unrolled, for FLOPs (None: not scanned)
     plan: Any  # the run plan Trainer would build on this mesh
     state: Any  # TrainState of ShapeDtypeStructs (TRAIN_RULES)
     rollout_params: Any  # ROLLOUT_RULES
     # per chip: params (LoRA: the adapters), opt_state, rollout_params (0: same buffers), ref_params, frozen
     bytes: dict[str, int]
     rollout_graphdef: Any = None  # the model rollouts run (LoRA: the plain model on merged weights)
-    rollout_count_graphdef: Any = None  # its layer scan unrolled (None: not scanned)
+    layers: int = 0  # the model's blocks
+    # Scanned layers: the same run with ``COUNT_LAYERS`` blocks, its scan unrolled, whose programs' HLO
+    # counts give the FLOPs XLA counts once per scan (``programs.unrolled_flops``); () when not scanned.
+    counting: tuple = ()
 
     def rollout(self) -> "_State":
         """The state as the sampler's programs see it: the rollout model, counted as such."""
-        return dataclasses.replace(self, graphdef=self.rollout_graphdef, count_graphdef=self.rollout_count_graphdef)
+        return dataclasses.replace(self, graphdef=self.rollout_graphdef,
+                                   counting=tuple(c.rollout() for c in self.counting))
 
 
-def _abstract_state(cfg, mcfg, mesh, stops) -> _State:
-    """Weights, optimizer and shardings exactly as ``Trainer`` builds them (its run plan), nothing allocated."""
+def _abstract_state(cfg, mcfg, mesh, stops, counting: bool = True) -> _State:
+    """Weights, optimizer and shardings exactly as ``Trainer`` builds them (its run plan), nothing allocated;
+    with scanned layers (and ``counting``) also the small unrolled variants that count its FLOPs."""
     graphdef, abstract = abstract_model(mcfg)
     trained, frozen = split_policy(abstract, mcfg.lora)  # LoRA: adapters train, the base is frozen
     plan = make_plan(cfg, mesh, compute_dtype=mcfg.dtype, abstract_params=trained, stop_ids=stops,
@@ -234,15 +150,19 @@ def _abstract_state(cfg, mcfg, mesh, stops) -> _State:
     state = TrainState(params, opt_state, params if own_ref else None, frozen)
     plain = mcfg if frozen is None else mcfg.replace(lora=None)  # LoRA: rollouts run the plain model
     rollout_graphdef = graphdef if frozen is None else abstract_model(plain)[0]
-    unrolled = (lambda c: abstract_model(c.replace(unroll_scan=True))[0]) if mcfg.scanned else (lambda c: None)
-    return _State(graphdef, unrolled(mcfg), plan, state, rollout_params, sizes, rollout_graphdef, unrolled(plain))
+    variants = tuple(_abstract_state(cfg, mcfg.replace(num_layers=k, scan_layers=True, unroll_scan=True), mesh,
+                                     stops, counting=False)
+                     for k in COUNT_LAYERS) if counting and mcfg.scanned else ()
+    return _State(graphdef, plan, state, rollout_params, sizes, rollout_graphdef, mcfg.num_layers, variants)
 
 
-def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str = "r1-distill") -> dict:
+def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str = "r1-distill",
+                   workers: int = 2) -> dict:
     """Compile the RL step of ``cfg`` for ``topology`` (e.g. "v5p-8"); per-chip memory, FLOPs, fits.
 
     ``log`` receives a line as each program starts compiling (minutes each at 8k tokens on a small host).
     ``lengths``: the length distribution the rollout is also priced under (``realjax.tools.aot.lengths``).
+    ``workers``: programs compiled side by side (``programs.Jobs``); the report does not depend on it.
     Raises ``TpuUnavailable`` without libtpu, ``ValueError`` for a bad topology or mesh.
     """
     topo = parse_topology(topology)
@@ -254,38 +174,43 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
     stops = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
     st = _abstract_state(cfg, mcfg, mesh, stops)
     plan, b = st.plan, st.bytes
+    with Jobs(workers) as jobs:
+        # -- learner: one update per mini-batch (the longest compile: first) ---------------------------
+        micro_rows = plan.rows_per_micro_batch
+        packed = plan.packed_sequences(micro_rows, tp + N - 1)
+        update = Program("update", o.mini_batches, f"{o.micro_batches} x {micro_rows} rows x {tp}+{N} tok"
+                         + (f" packed into {packed} x {tp + N - 1}" if packed else ""), b["ref_params"])
+        batch = UpdateBatch.spec((o.micro_batches, micro_rows), tp, N, with_ref=plan.use_ref,
+                                 sharding=plan.batch_sharding,
+                                 with_sampler=cfg.rollout.is_correction != "none",  # importance weights need both
+                                 packed_sequences=packed)
+        # LoRA dropout draws its masks from a key the trainer passes to each update
+        key = (jax.eval_shape(lambda: jax.random.key(0)) if plan.lora is not None and plan.lora.dropout > 0 else None)
+        jobs.submit(compile_program, update, lambda s: s.plan.update_step(s.graphdef).lower(s.state, batch, key),
+                    log, st)
 
-    # -- rollout: the sampler's prefill and decode (and the evaluation sampler's) --------------------
-    # The training weights (when the rollout copy is separate), Adam moments and GRPO's reference stay.
-    resident = (b["params"] + b["frozen"] if b["rollout_params"] else 0) + b["opt_state"] + b["ref_params"]
-    per_call = r.prompts_per_call or r.prompts_per_step
-    programs = _sampler_programs("", plan.sampling, st, mesh, per_call, tp, R, r.prompts_per_step // per_call,
-                                 resident, log)
-    if cfg.data.eval:
-        programs += _sampler_programs("eval_", plan.eval_sampling, st, mesh, plan.eval_prompts_per_call, tp, e.n, 0,
-                                      resident, log)
+        # -- rollout: the sampler's prefill and decode (and the evaluation sampler's) ----------------
+        # The training weights (when the rollout copy is separate), Adam moments and GRPO's reference stay.
+        resident = (b["params"] + b["frozen"] if b["rollout_params"] else 0) + b["opt_state"] + b["ref_params"]
+        per_call = r.prompts_per_call or r.prompts_per_step
+        samplers = [_sampler_programs(jobs, "", plan.sampling, st, mesh, per_call, tp, R,
+                                      r.prompts_per_step // per_call, resident, log)]
+        if cfg.data.eval:
+            samplers.append(_sampler_programs(jobs, "eval_", plan.eval_sampling, st, mesh, plan.eval_prompts_per_call,
+                                              tp, e.n, 0, resident, log))
 
-    # -- learner: old / reference log-probs over the whole batch, then one update per mini-batch -------
-    rows = plan.rows_per_step
-    if plan.recompute_old_logp or plan.use_ref:
-        chunks = plan.scoring_chunks
-        score = Program("score", int(plan.recompute_old_logp) + int(plan.use_ref),
-                        f"{chunks} x {rows // chunks} rows x {tp}+{N} tok", b["opt_state"] + b["ref_params"])
-        batch = UpdateBatch.spec((chunks, rows // chunks), tp, N, with_ref=False, sharding=plan.batch_sharding,
-                                 packed_sequences=plan.packed_sequences(rows // chunks, tp + N - 1))
-        _compile(score, lambda g: plan.scoring_fn(g).lower(st.state.params, batch, st.state.frozen), log, st)
-        programs.append(score)
-    micro_rows = plan.rows_per_micro_batch
-    packed = plan.packed_sequences(micro_rows, tp + N - 1)
-    update = Program("update", o.mini_batches, f"{o.micro_batches} x {micro_rows} rows x {tp}+{N} tok"
-                     + (f" packed into {packed} x {tp + N - 1}" if packed else ""), b["ref_params"])
-    batch = UpdateBatch.spec((o.micro_batches, micro_rows), tp, N, with_ref=plan.use_ref, sharding=plan.batch_sharding,
-                             with_sampler=cfg.rollout.is_correction != "none",  # importance weights need both
-                             packed_sequences=packed)
-    # LoRA dropout draws its masks from a key the trainer passes to each update
-    key = (jax.eval_shape(lambda: jax.random.key(0)) if plan.lora is not None and plan.lora.dropout > 0 else None)
-    _compile(update, lambda g: plan.update_step(g).lower(st.state, batch, key), log, st)
-    programs.append(update)
+        # -- learner: old / reference log-probs over the whole batch ---------------------------------
+        rows, score = plan.rows_per_step, []
+        if plan.recompute_old_logp or plan.use_ref:
+            chunks = plan.scoring_chunks
+            score = [Program("score", int(plan.recompute_old_logp) + int(plan.use_ref),
+                             f"{chunks} x {rows // chunks} rows x {tp}+{N} tok", b["opt_state"] + b["ref_params"])]
+            sbatch = UpdateBatch.spec((chunks, rows // chunks), tp, N, with_ref=False, sharding=plan.batch_sharding,
+                                      packed_sequences=plan.packed_sequences(rows // chunks, tp + N - 1))
+            jobs.submit(compile_program, score[0],
+                        lambda s: s.plan.scoring_fn(s.graphdef).lower(s.state.params, sbatch, s.state.frozen), log, st)
+        jobs.wait()
+    programs = [p for finish in samplers for p in finish()] + score + [update]
     rep = _summarise(cfg, topo, mesh, mcfg, source, programs, b)
     if programs[1].parts and not programs[1].error:  # the training decode compiled
         calls, rows = r.prompts_per_step // per_call, per_call * R
@@ -306,9 +231,10 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
     return rep
 
 
-def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp: int, group: int, calls: int,
-                      resident: int, log) -> list[Program]:
-    """The sampler's prefill and decode for one call of ``prompts`` x ``group`` rows (``calls`` per step)."""
+def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, prompts: int, tp: int, group: int,
+                      calls: int, resident: int, log):
+    """Submit the sampler's prefill for one call of ``prompts`` x ``group`` rows (``calls`` per step), whose
+    job submits the decode windows; returns a function that gives [prefill, decode] once the jobs ran."""
     st, N = st.rollout(), sampling.max_new_tokens
     sampler = Sampler(sampling, pad_id=sampling.stop_ids[0], mesh=mesh, rules=shd.ROLLOUT_RULES)
     ids = jax.ShapeDtypeStruct((prompts, tp), jnp.int32,
@@ -316,58 +242,51 @@ def _sampler_programs(prefix: str, sampling, st: _State, mesh, prompts: int, tp:
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
     prefill = Program(prefix + "prefill", calls, f"{prompts} prompts x {tp} tok -> {prompts * group} rows", resident)
-    compiled = _compile(prefill, lambda g: sampler.prefill_program.lower(g, st.rollout_params, ids, ids,
-                                                                         key, group), log, st)
-    if compiled is None:
-        decode = Program(prefix + "decode", calls * N, f"{prompts * group} rows x 1 tok, cache {tp + N}", resident)
-        decode.error = "not compiled: its prefill does not fit"
+    parts, cache = [], {}  # filled by the prefill's job
+
+    def prefill_then_windows():
+        compiled = compile_program(prefill, lambda s: sampler.prefill_program.lower(
+            s.graphdef, s.rollout_params, ids, ids, key, group), log, st)
+        if compiled is None:
+            return
+        # The decode state is what prefill returns (shapes and shardings; XLA's layouts left to it).
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info)
+        cache.update(bytes=_bytes_per_chip((state.cache.k, state.cache.v)), slots=state.cache.length)
+        windows, start = sampler.windows(state), tp
+        lower = lambda s, w: sampler.decode_program.lower(s.graphdef, s.rollout_params,
+                                                          sampler.with_window(_with_layers(state, s.layers), w))
+        t0 = time.perf_counter()
+        unrolled = window_unrolled_flops(lower, st, windows) if st.counting else lambda w: None
+        for w in windows:  # the steps that write slots [start, w) run in the program for window w
+            parts.append(Program(prefix + "decode", w - start, f"window {w}", resident,
+                                 unread_bytes=cache["bytes"] * (1 - w / cache["slots"]), window=w))
+            start = w
+        parts[0].count_s = time.perf_counter() - t0
+        for part in parts:
+            jobs.submit(compile_program, part, lambda s, w=part.window: lower(s, w), log, st, unrolled(part.window))
+
+    jobs.submit(prefill_then_windows)
+
+    def programs() -> list[Program]:
+        if not parts:
+            decode = Program(prefix + "decode", calls * N, f"{prompts * group} rows x 1 tok, cache {tp + N}", resident)
+            decode.error = "not compiled: its prefill does not fit"
+            return [prefill, decode]
+        decode = merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {cache['slots']}"
+                       + (f", {len(parts)} windows" if len(parts) > 1 else ""), parts)
+        decode.runs *= calls  # the parts counted one call's steps
+        decode.parts, decode.cache_bytes = parts, cache["bytes"]
         return [prefill, decode]
-    # The decode state is what prefill returns (shapes and shardings; XLA's layouts left to it).
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info)
-    cache_bytes, S = _bytes_per_chip((state.cache.k, state.cache.v)), state.cache.length
-    windows, parts, start = sampler.windows(state), [], tp
-    lower = lambda g, w: sampler.decode_program.lower(g, st.rollout_params, sampler.with_window(state, w))
-    t0 = time.perf_counter()
-    counts = _window_counts(lower, st, windows)
-    count_s = time.perf_counter() - t0
-    for w in windows:  # the steps that write slots [start, w) run in the program for window w
-        part = Program(prefix + "decode", w - start, f"window {w}", resident,
-                       unread_bytes=cache_bytes * (1 - w / S), window=w)
-        _compile(part, lambda g, w=w: lower(g, w), log, st, counts(w))
-        parts.append(part)
-        start = w
-    decode = _merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {S}"
-                    + (f", {len(windows)} windows" if len(windows) > 1 else ""), parts)
-    decode.runs *= calls  # the parts counted one call's steps
-    decode.parts, decode.cache_bytes = parts, cache_bytes
-    decode.count_s += count_s
-    return [prefill, decode]
+
+    return programs
 
 
-def _window_counts(lower, st: _State, windows):
-    """``window -> (unrolled, scanned)`` FLOP counts of the decode step (None: not scanned). A step's
-    FLOPs are affine in its window (attention reads ``window`` slots), so the first and last windows'
-    counts give every other's: two unrolled lowerings instead of one per window."""
-    if st.count_graphdef is None:
-        return lambda w: None
-    first, last = (_flop_counts(lambda g, w=w: lower(g, w), st) for w in (windows[0], windows[-1]))
-    if windows[-1] == windows[0]:
-        return lambda w: first
-    at = lambda w, i: first[i] + (last[i] - first[i]) * (w - windows[0]) / (windows[-1] - windows[0])
-    return lambda w: (at(w, 0), at(w, 1))
-
-
-def _merge(name: str, shape: str, parts: list[Program]) -> Program:
-    """One row for programs that run in sequence (decode windows): memory of the largest, per-run FLOPs
-    and bytes averaged over the runs, so that runs x per-run stays each total."""
-    runs = sum(p.runs for p in parts)
-    mean = lambda f: sum(f(p) * p.runs for p in parts) / max(runs, 1)
-    worst = max(parts, key=lambda p: (bool(p.error), p.peak))
-    return Program(name, runs, shape, worst.resident_bytes, memory=dict(worst.memory),
-                   flops=mean(lambda p: p.flops), bytes_accessed=mean(lambda p: p.bytes_accessed),
-                   compile_s=sum(p.compile_s for p in parts), lower_s=sum(p.lower_s for p in parts),
-                   count_s=sum(p.count_s for p in parts), error=worst.error,
-                   unread_bytes=mean(lambda p: p.unread_bytes))
+def _with_layers(state, layers: int):
+    """The decode state for a model of ``layers`` blocks (a FLOP-counting variant): the cache resized."""
+    if state.cache.k.shape[0] == layers:
+        return state
+    resize = lambda x: jax.ShapeDtypeStruct((layers, *x.shape[1:]), x.dtype, sharding=x.sharding)
+    return state.replace(cache=state.cache.replace(k=resize(state.cache.k), v=resize(state.cache.v)))
 
 
 def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Program], state_bytes: dict) -> dict:
