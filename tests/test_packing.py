@@ -17,7 +17,8 @@ from realjax import sharding as shd
 from realjax.losses import TERMS
 from realjax.models.attention import Backend
 from realjax.rl.batch import TrainState
-from realjax.rl.packing import PackingError, pack, pack_batch, packed_tokens, sequence_buckets
+from realjax.rl.packing import (PackingError, pack, pack_batch, packed_tokens, plan_sequences, row_lengths,
+                                sequence_buckets)
 from realjax.rl.update import make_update_step, policy_logprobs
 
 R, Q, A = 4, 5, 7
@@ -134,13 +135,14 @@ def test_packed_logprobs_equal_padded_on_splash():
     np.testing.assert_allclose(logp[m], padded_logp[m], atol=1e-5)
 
 
-def _update(batch, *, micro, packed_budget=0, mesh=None, name="real"):
+def _update(batch, *, micro, packed_budget=0, mesh=None, name="real", group_size=0):
     graphdef, params = _split()
     step = make_update_step(graphdef, optax.sgd(0.5), TERMS[name], {}, group_size=R, temperature=0.9,
                             chunk_tokens=32)
     cut = batch.cut(micro)
     if packed_budget:
-        cut = pack_batch(cut, tokens_per_micro_batch=packed_budget, multiple=1 if mesh is None else 8)
+        cut = pack_batch(cut, tokens_per_micro_batch=packed_budget, multiple=1 if mesh is None else 8,
+                         group_size=group_size)
     if mesh is not None:
         cut = shd.put_batch(cut, mesh, axis=1)
     params = jax.tree.map(jnp.copy, params)  # the step donates its state
@@ -159,6 +161,48 @@ def test_packed_update_equals_padded(devices, micro, name):
     got, m_got = _update(b, micro=micro, packed_budget=3 * C, mesh=mesh, name=name)
     moved = max(float(np.abs(a - s).max()) for a, s in zip(jax.tree.leaves(want), jax.tree.leaves(start)))
     assert moved > 1e-4, "the update must move the parameters for this test to mean anything"
+    for a, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, a, rtol=1e-4, atol=2e-6)
+    for key in ("loss", "entropy", "grad_norm", "valid_groups"):
+        np.testing.assert_allclose(m_got[key], m_want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def _lopsided():
+    """Groups 0 and 1 of full rows (one sequence each), groups 2 and 3 of one-token rows: cut in two as they
+    come, one micro-batch needs 8 sequences; with a full and a short group each, 5."""
+    b = toy_batch(rows=16, group_size=R, prompt=Q, response=A)
+    pm, rm = np.zeros((16, Q), np.int32), np.zeros((16, A), np.float32)
+    pm[:8], rm[:8] = 1, 1.0
+    pm[8:, -1], rm[8:, 0] = 1, 1.0
+    return b.replace(prompt_mask_BQ=pm, resp_mask_BA=rm, prompt_ids_BQ=(b.prompt_ids_BQ * pm).astype(np.int32),
+                     old_logp_BA=(b.old_logp_BA * rm).astype(np.float32))
+
+
+def test_groups_move_between_micro_batches_only_to_lower_the_sequence_count():
+    b = _lopsided()
+    lengths = np.stack([row_lengths(m.prompt_mask_BQ, m.resp_mask_BA) for m in (b.rows_slice(0, 8), b.rows_slice(8, 16))])
+    kept = plan_sequences(lengths, C, tokens_per_micro_batch=3 * C)
+    moved = plan_sequences(lengths, C, tokens_per_micro_batch=3 * C, group_size=R)
+    buckets = sequence_buckets(8, C, 3 * C, 1)
+    assert (kept.sequences, moved.sequences) == (8, 5) and {8, 5} <= set(buckets)
+    assert (moved.needed <= moved.sequences).all()
+    np.testing.assert_array_equal(kept.order, np.arange(16))
+    groups = moved.order.reshape(-1, R)  # whole groups, each keeping its rows' order
+    np.testing.assert_array_equal(groups - groups[:, :1], np.tile(np.arange(R), (4, 1)))
+    assert sorted(groups[:, 0] // R) == [0, 1, 2, 3] and {groups[0, 0] // R, groups[1, 0] // R} != {0, 1}
+    # nothing to gain: the rows stay where they are
+    even = plan_sequences(np.full((2, 8), C), C, tokens_per_micro_batch=3 * C, group_size=R)
+    np.testing.assert_array_equal(even.order, np.arange(16))
+    packed = pack_batch(b.cut(2), tokens_per_micro_batch=3 * C, group_size=R)
+    assert packed.packing.src_ZC.shape[:2] == (2, 5)
+    np.testing.assert_array_equal(packed.rewards_B.reshape(-1), b.rewards_B[moved.order])
+
+
+def test_an_update_with_groups_moved_equals_the_padded_one():
+    """The gradient does not depend on which micro-batch holds a group: moved and packed == padded."""
+    b = _lopsided()
+    want, m_want = _update(b, micro=2)
+    got, m_got = _update(b, micro=2, packed_budget=3 * C, group_size=R)
     for a, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(g, a, rtol=1e-4, atol=2e-6)
     for key in ("loss", "entropy", "grad_norm", "valid_groups"):
