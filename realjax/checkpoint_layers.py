@@ -145,28 +145,27 @@ def _unstacker(sharding, layers: int):
 
 
 def to_layout(restored, abstract):
-    """``restored`` (read in :func:`saved_layout`'s tree) in the layout and shardings of ``abstract``, one
-    weight at a time (at most one weight is held twice)."""
-    def convert(saved_node, target_node):
-        if _is_block_list(saved_node):  # list -> stacked
-            return jax.tree.map(lambda t, *xs: _stacker(t.sharding)(*xs), target_node, *_blocks_of(saved_node))
-        keys = sorted(target_node, key=lambda k: int(k))  # stacked -> list
-        split = jax.tree.map(lambda x, t: _unstacker(t.sharding, len(keys))(x), saved_node, target_node[keys[0]])
-        return _rebuild(target_node, {k: jax.tree.map(lambda parts, i=i: parts[i], split,
-                                                      is_leaf=lambda x: isinstance(x, tuple))
-                                      for i, k in enumerate(keys)})
+    """``restored`` (read in :func:`saved_layout`'s tree, and consumed: its converted arrays are deleted)
+    in the layout, pytree types and shardings of ``abstract``, one weight at a time, so about one weight
+    is held twice at once. Built by path, then unflattened in ``abstract``'s structure: an nnx.State keeps
+    its inner mappings as plain dicts, which a rebuilt tree would not."""
+    saved, split = leaf_paths(restored), {}
 
-    return _zip_layers(restored, abstract, convert)
+    def value(path, t):
+        if path in saved:  # not a block weight
+            return saved[path]
+        j = path.index(LAYERS)
+        if path[j + 1].isdigit():  # stacked -> list: row i of the stacked weight
+            source = path[:j + 1] + path[j + 2:]
+            if source not in split:
+                split[source] = _unstacker(t.sharding, saved[source].shape[0])(saved[source])
+                saved[source].delete()
+            return split[source][int(path[j + 1])]
+        blocks = [saved[path[:j + 1] + (str(i),) + path[j + 1:]] for i in range(t.shape[0])]  # list -> stacked
+        stacked = _stacker(t.sharding)(*blocks)
+        for x in blocks:
+            x.delete()
+        return stacked
 
-
-def _zip_layers(saved, target, fn):
-    """``saved`` with every ``layers`` subtree replaced by ``fn(saved_subtree, target_subtree)``."""
-    if isinstance(saved, Mapping):
-        items = {k: (fn(v, target[k]) if str(k) == LAYERS else _zip_layers(v, target[k], fn))
-                 for k, v in saved.items()}
-        return _rebuild(target, items)
-    if isinstance(saved, tuple) and hasattr(saved, "_fields"):
-        return type(target)(*(_zip_layers(s, t, fn) for s, t in zip(saved, target)))
-    if isinstance(saved, (tuple, list)):
-        return type(target)(_zip_layers(s, t, fn) for s, t in zip(saved, target))
-    return saved
+    target = leaf_paths(abstract)
+    return jax.tree.unflatten(jax.tree.structure(abstract), [value(p, t) for p, t in target.items()])

@@ -104,6 +104,9 @@ def test_a_checkpoint_restores_into_the_other_block_layout(tmp_path, saved_scann
     target_opt = jax.device_put(OPT.init(target), opt_state_shardings(jax.eval_shape(OPT.init, target), load_sh, mesh))
     params, opt_state, meta = ckpt.restore(1, target, target_opt)
     assert meta["step"] == 1
+    # the target's own pytree (an nnx.State holds plain dicts inside: a jit's out_shardings must match it)
+    assert jax.tree.structure(params) == jax.tree.structure(target)
+    assert jax.tree.structure(opt_state) == jax.tree.structure(target_opt)
     # exactly the saved numbers, in the target's layout and shardings (Adam's moments included)
     _assert_same(params, _in_layout(state.params, not saved_scanned))
     _assert_same(opt_state, _in_layout(state.opt_state, not saved_scanned))
