@@ -15,6 +15,11 @@ What survives what:
   names the base (``base_identity``: path and a hash of its config and weight files), and a restore onto
   another base is refused (``BaseMismatch``) rather than resuming adapters on weights they were not
   trained on.
+* A checkpoint written with the decoder's blocks as a list (``model.scan_layers=false``, or before scanned
+  layers) restores into a scanned model, and the reverse: the restore reads the checkpoint's own tree and
+  stacks or unstacks the blocks' weights and their optimizer moments (``realjax.checkpoint_layers``). A
+  tree that matches the model in neither layout raises ``LayoutMismatch`` naming an array, and is not
+  taken for damage (older checkpoints of the run are left alone).
 * Every finished checkpoint gets a manifest of its files' sizes (``MANIFEST``). On restore a checkpoint
   with a missing, emptied or truncated file, or one orbax cannot read, is reported in one line and the
   next older one is used; the damaged directory is renamed ``<step>.damaged`` (kept for inspection, out
@@ -39,6 +44,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from realjax import checkpoint_layers as layers
 from realjax.rundir import atomic_write_text, exception_chain, write_failed, writing
 
 MANIFEST = "realjax_manifest.json"
@@ -46,6 +52,10 @@ MANIFEST = "realjax_manifest.json"
 
 class CheckpointUnreadable(RuntimeError):
     """A checkpoint (or every checkpoint of a run) cannot be read; ``str()`` is one line."""
+
+
+class LayoutMismatch(CheckpointUnreadable):
+    """A checkpoint's arrays are not the model's, in either block layout (another model, another LoRA)."""
 
 
 class BaseMismatch(CheckpointUnreadable):
@@ -231,30 +241,42 @@ class Checkpointer:
                 return f"{path}: {what} ({actual} of {size} bytes)"
         return None
 
-    def _read(self, step: int, args):
+    def _read(self, step: int, **items):
+        """(``{name: tree}`` for each item, meta) of ``step``, each tree placed and laid out like the given
+        (abstract or concrete) one, whichever block layout the checkpoint holds."""
         root = self.directory / str(step)
         damage = self.damage(step)
         if damage:
             raise CheckpointUnreadable(f"checkpoint step {step} is damaged: {damage}")
+        target = {name: abstract_like(like) for name, like in items.items()}
+        read_as, mismatch = dict(target), None
         try:
             with _quiet_orbax():
-                return self.manager.restore(step, args=args)
+                for name in items:
+                    try:
+                        saved = _tree(ocp.StandardCheckpointer().metadata(root / name))
+                        read_as[name] = layers.saved_layout(saved, target[name])
+                    except layers.LayoutMismatch as e:
+                        # Tried as is all the same: a damaged tree record may hide readable arrays
+                        mismatch = mismatch or e
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore(), **{name: ocp.args.StandardRestore(t) for name, t in read_as.items()}))
         except Exception as e:
+            if mismatch is not None and mismatch.saved_arrays:  # a readable record of other arrays: not damage
+                raise LayoutMismatch(f"checkpoint step {step} ({root}) does not fit the model: {mismatch}") from None
             raise CheckpointUnreadable(f"checkpoint step {step} cannot be read ({root}): {_why(e, root)}") from e
+        trees = {name: out[name] if read_as[name] is target[name] else layers.to_layout(out[name], target[name])
+                 for name in items}
+        return trees, out.meta
 
     def restore(self, step: int, params_like, opt_state_like):
         """(params, opt_state, meta) of ``step``, placed like the given (abstract or concrete) trees."""
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_like(params_like)),
-                                  opt_state=ocp.args.StandardRestore(abstract_like(opt_state_like)),
-                                  meta=ocp.args.JsonRestore())
-        out = self._read(step, args)
-        return out.params, out.opt_state, out.meta
+        trees, meta = self._read(step, params=params_like, opt_state=opt_state_like)
+        return trees["params"], trees["opt_state"], meta
 
     def restore_params(self, step: int, params_like):
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_like(params_like)),
-                                  meta=ocp.args.JsonRestore())
-        out = self._read(step, args)
-        return out.params, out.meta
+        trees, meta = self._read(step, params=params_like)
+        return trees["params"], meta
 
     def restore_latest(self, params_like, opt_state_like) -> Restored | None:
         """The newest checkpoint that reads, falling back past damaged ones; None when there is none.
@@ -266,6 +288,8 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 params, opt_state, meta = self.restore(step, params_like, opt_state_like)
+            except LayoutMismatch:
+                raise  # not damage: the older checkpoints hold the same arrays
             except CheckpointUnreadable as e:
                 skipped.append(str(e))
                 continue
@@ -293,3 +317,9 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _tree(metadata):
+    """The tree of an orbax metadata object (newer orbax wraps it), or the metadata itself."""
+    tree = getattr(metadata, "item_metadata", metadata)
+    return getattr(tree, "tree", tree)

@@ -56,9 +56,9 @@ class ModelSection:
     remat: str = "none"  # none | full | dots: recompute blocks in the backward pass
     scan_layers: bool | None = None  # one scanned, stacked block module; unset: from 8 blocks up
     logprob_chunk_tokens: int = 4096  # tokens per chunk of vocab logits (memory vs speed)
-    # The learner's attention (realjax.models.attention): auto (splash on TPU, cuDNN on GPU in bf16, else
-    # XLA) | xla | cudnn | splash. Decode always runs the XLA back end.
-    attention: str = "xla"
+    # The learner's attention (realjax.models.attention): auto (splash on TPU, else XLA) | xla | cudnn |
+    # splash. Decode always runs the XLA back end.
+    attention: str = "auto"
     lora: LoraSection = LoraSection()
 
 

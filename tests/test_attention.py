@@ -103,8 +103,8 @@ def test_full_attention_bool_mask_is_the_segment_rule_on_real_tokens():
 def test_resolve_backend():
     assert resolve_backend("auto", "cpu", "float32") == "xla"
     assert resolve_backend("auto", "tpu", "bfloat16") == "splash"
-    assert resolve_backend("auto", "gpu", "bfloat16") == "cudnn"
-    assert resolve_backend("auto", "gpu", "float32") == "xla"  # cuDNN's fused kernels are bf16/fp16 only
+    assert resolve_backend("auto", "gpu", "bfloat16") == "xla"  # until the cuDNN kernel has run on a GPU
+    assert resolve_backend("cudnn", "gpu", "bfloat16") == "cudnn"
     assert resolve_backend("xla", "tpu", "bfloat16") == "xla"
     for choice, platform, dtype in (("cudnn", "gpu", "float32"), ("cudnn", "cpu", "bfloat16"),
                                     ("splash", "cpu", "float32"), ("flash", "cpu", "float32")):

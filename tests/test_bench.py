@@ -124,6 +124,8 @@ def test_rollout_bench(capsys, tmp_path):
     # than the work itself.
     assert res["useful_tokens"] <= res["engine_row_steps"] <= res["static_row_steps"]
     assert 1.0 <= res["engine_kv_vs_min"] <= res["static_kv_vs_min"]
+    # The step-cost bound prices both schedules with one measured per-step cost.
+    assert res["speedup_of_bound"] == pytest.approx(res["speedup"] / res["speedup_bound"])
 
 
 def test_oracle_lengths_match_r1_distill():

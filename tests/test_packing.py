@@ -17,7 +17,8 @@ from realjax import sharding as shd
 from realjax.losses import TERMS
 from realjax.models.attention import Backend
 from realjax.rl.batch import TrainState
-from realjax.rl.packing import PackingError, pack, pack_batch, packed_tokens, sequence_buckets
+from realjax.rl.packing import (PackingError, pack, pack_batch, packed_tokens, plan_sequences, row_lengths,
+                                sequence_buckets)
 from realjax.rl.update import make_update_step, policy_logprobs
 
 R, Q, A = 4, 5, 7
@@ -134,13 +135,14 @@ def test_packed_logprobs_equal_padded_on_splash():
     np.testing.assert_allclose(logp[m], padded_logp[m], atol=1e-5)
 
 
-def _update(batch, *, micro, packed_budget=0, mesh=None, name="real"):
+def _update(batch, *, micro, packed_budget=0, mesh=None, name="real", group_size=0):
     graphdef, params = _split()
     step = make_update_step(graphdef, optax.sgd(0.5), TERMS[name], {}, group_size=R, temperature=0.9,
                             chunk_tokens=32)
     cut = batch.cut(micro)
     if packed_budget:
-        cut = pack_batch(cut, tokens_per_micro_batch=packed_budget, multiple=1 if mesh is None else 8)
+        cut = pack_batch(cut, tokens_per_micro_batch=packed_budget, multiple=1 if mesh is None else 8,
+                         group_size=group_size)
     if mesh is not None:
         cut = shd.put_batch(cut, mesh, axis=1)
     params = jax.tree.map(jnp.copy, params)  # the step donates its state
@@ -159,6 +161,48 @@ def test_packed_update_equals_padded(devices, micro, name):
     got, m_got = _update(b, micro=micro, packed_budget=3 * C, mesh=mesh, name=name)
     moved = max(float(np.abs(a - s).max()) for a, s in zip(jax.tree.leaves(want), jax.tree.leaves(start)))
     assert moved > 1e-4, "the update must move the parameters for this test to mean anything"
+    for a, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, a, rtol=1e-4, atol=2e-6)
+    for key in ("loss", "entropy", "grad_norm", "valid_groups"):
+        np.testing.assert_allclose(m_got[key], m_want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def _lopsided():
+    """Groups 0 and 1 of full rows (one sequence each), groups 2 and 3 of one-token rows: cut in two as they
+    come, one micro-batch needs 8 sequences; with a full and a short group each, 5."""
+    b = toy_batch(rows=16, group_size=R, prompt=Q, response=A)
+    pm, rm = np.zeros((16, Q), np.int32), np.zeros((16, A), np.float32)
+    pm[:8], rm[:8] = 1, 1.0
+    pm[8:, -1], rm[8:, 0] = 1, 1.0
+    return b.replace(prompt_mask_BQ=pm, resp_mask_BA=rm, prompt_ids_BQ=(b.prompt_ids_BQ * pm).astype(np.int32),
+                     old_logp_BA=(b.old_logp_BA * rm).astype(np.float32))
+
+
+def test_groups_move_between_micro_batches_only_to_lower_the_sequence_count():
+    b = _lopsided()
+    lengths = np.stack([row_lengths(m.prompt_mask_BQ, m.resp_mask_BA) for m in (b.rows_slice(0, 8), b.rows_slice(8, 16))])
+    kept = plan_sequences(lengths, C, tokens_per_micro_batch=3 * C)
+    moved = plan_sequences(lengths, C, tokens_per_micro_batch=3 * C, group_size=R)
+    buckets = sequence_buckets(8, C, 3 * C, 1)
+    assert (kept.sequences, moved.sequences) == (8, 5) and {8, 5} <= set(buckets)
+    assert (moved.needed <= moved.sequences).all()
+    np.testing.assert_array_equal(kept.order, np.arange(16))
+    groups = moved.order.reshape(-1, R)  # whole groups, each keeping its rows' order
+    np.testing.assert_array_equal(groups - groups[:, :1], np.tile(np.arange(R), (4, 1)))
+    assert sorted(groups[:, 0] // R) == [0, 1, 2, 3] and {groups[0, 0] // R, groups[1, 0] // R} != {0, 1}
+    # nothing to gain: the rows stay where they are
+    even = plan_sequences(np.full((2, 8), C), C, tokens_per_micro_batch=3 * C, group_size=R)
+    np.testing.assert_array_equal(even.order, np.arange(16))
+    packed = pack_batch(b.cut(2), tokens_per_micro_batch=3 * C, group_size=R)
+    assert packed.packing.src_ZC.shape[:2] == (2, 5)
+    np.testing.assert_array_equal(packed.rewards_B.reshape(-1), b.rewards_B[moved.order])
+
+
+def test_an_update_with_groups_moved_equals_the_padded_one():
+    """The gradient does not depend on which micro-batch holds a group: moved and packed == padded."""
+    b = _lopsided()
+    want, m_want = _update(b, micro=2)
+    got, m_got = _update(b, micro=2, packed_budget=3 * C, group_size=R)
     for a, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(g, a, rtol=1e-4, atol=2e-6)
     for key in ("loss", "entropy", "grad_norm", "valid_groups"):
@@ -233,3 +277,43 @@ def test_packed_update_bench(capsys):
         assert math.isfinite(res[k]) and res[k] > 0, k
     assert res["packed_sequences"] < 8 and res["real_tokens"] < res["padded_tokens"]
     assert res["loss_packed"] == pytest.approx(res["loss_padded"], rel=1e-4)
+
+
+def test_the_update_cost_report_counts_what_the_packing_runs():
+    """``realjax compile``'s ``update_under_lengths``: the packed FLOPs are those of the sequences the
+    trainer's own packing (groups moved) runs, the parts add up, and the real tokens' FLOPs are the bench's."""
+    from realjax.models import ModelConfig
+    from realjax.tools.aot.packed_update import step_lengths, update_under_lengths
+    from realjax.tools.bench.packing import real_token_flops
+    from realjax.tools.bench.common import matmul_params
+
+    cfg = ModelConfig(family="qwen2", vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, intermediate_size=48)
+    rows, prompt, response, updates, micro, budget = 64, 6, 24, 2, 4, 3 * 29
+    p_len, r_len = step_lengths("r1-distill", rows=rows, prompt=prompt, response=response, seed=3)
+    u = update_under_lengths(cfg, "r1-distill", rows=rows, group_size=4, mini_batches=updates, micro_batches=micro,
+                             prompt=prompt, response=response, tokens_per_micro_batch=budget, multiple=2, seed=3)
+    Cs = prompt + response - 1
+    pm = (np.arange(prompt)[None] >= prompt - p_len[:, None]).astype(np.int32)
+    rm = (np.arange(response)[None] < r_len[:, None]).astype(np.float32)
+    b = toy_batch(rows=rows, group_size=4, prompt=prompt, response=response).replace(prompt_mask_BQ=pm, resp_mask_BA=rm)
+    per = rows // updates
+    zs = [pack_batch(b.rows_slice(k * per, (k + 1) * per).cut(micro), tokens_per_micro_batch=budget, multiple=2,
+                     group_size=4).packing.src_ZC.shape[1] for k in range(updates)]
+    head = cfg.vocab_size * cfg.hidden_size
+    pair = 12 * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    want = sum(micro * z * (6 * matmul_params(cfg) * Cs + pair * Cs * Cs / 2) for z in zs)
+    assert u["sequences"]["run"] == micro * sum(zs)
+    np.testing.assert_allclose(u["packed_flops"], want, rtol=1e-12)
+    np.testing.assert_allclose(u["real_flops"], real_token_flops(cfg, p_len, r_len), rtol=1e-12)
+    np.testing.assert_allclose(u["real_flops"] + sum(u["parts_flops"].values()), u["packed_flops"], rtol=1e-12)
+    assert all(v >= 0 for v in u["parts_flops"].values()) and u["packed_over_real"] > 1
+    assert u["sequences"]["fewest"] <= u["sequences"]["ffd"] <= u["sequences"]["own_buckets"] <= u["sequences"]["run"]
+    # ``realjax compile``'s entry: a run config's step (None unpacked), and its line of the table
+    from realjax.config import load_config
+    from realjax.tools.aot.packed_update import format_update_line, price_config
+
+    run = load_config(DEMO, ["optim.tokens_per_micro_batch=600"])
+    assert price_config(load_config(DEMO), cfg, "r1-distill", prompt=16, multiple=1, attention="xla") is None
+    line = format_update_line(price_config(run, cfg, "r1-distill", prompt=16, multiple=1, attention="splash"))
+    assert line.startswith("updates under r1-distill lengths, packed: ") and "ffd fill +" in line

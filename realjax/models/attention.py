@@ -63,8 +63,10 @@ def resolve_backend(choice: str, platform: str, compute_dtype: str) -> str:
     check_backend(choice)
     half = jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if choice == "auto":
-        # cuDNN's fused kernels take bf16/fp16 only: an fp32 GPU run keeps the XLA reference.
-        return {"tpu": "splash", "gpu": "cudnn" if half else "xla"}.get(platform, "xla")
+        # ``auto`` picks only a kernel that has run on its platform: splash's lowering is compiled for TPU
+        # by ``realjax compile`` and checked in interpret mode; the cuDNN kernel has not run on a GPU yet
+        # (README, GPU section), so a GPU keeps the XLA reference unless ``cudnn`` is asked for.
+        return {"tpu": "splash"}.get(platform, "xla")
     if choice == "cudnn" and (platform != "gpu" or not half):
         raise AttentionError(f"attention back end cudnn needs a GPU and bf16/fp16 compute (platform {platform}, "
                              f"compute dtype {compute_dtype})")

@@ -11,7 +11,10 @@ the losses and the exact accumulation over micro-batches do not change.
 The plan is numpy on the host from the masks alone, deterministic (a stable sort), so every process of a
 multi-host run, holding the same global batch, derives the same plan. ``Z`` comes from a bounded set (the
 token budget's sequence count, grown by a quarter at a time, at most one sequence per row), and all
-micro-batches of an update share the largest, so an update compiles for a few shapes at most.
+micro-batches of an update share the largest, so an update compiles for a few shapes at most. Because of
+that sharing, an update may move whole prompt groups between its micro-batches (``group_size``) when that
+lowers the shared count: the update's gradient does not depend on which micro-batch holds a group (every
+objective is per group, summed over micro-batches and divided once, ``realjax.rl.update``).
 
 Axis letters (``realjax/__init__``): Z packed sequences, C tokens of a packed sequence; B, Q, A, M as in
 ``realjax.rl.batch``.
@@ -140,22 +143,129 @@ def pack(prompt_mask_BQ, resp_mask_BA, *, sequences: int) -> Packing:
     return Packing(src_ZC=src, segment_ids_ZC=seg, positions_ZC=pos, dst_BA=dst)
 
 
-def sequences_needed(prompt_mask_BQ, resp_mask_BA) -> int:
+def row_lengths(prompt_mask_BQ, resp_mask_BA) -> np.ndarray:
+    """[B] tokens each row runs packed (0 for an empty response)."""
     spans, _ = row_spans(prompt_mask_BQ, resp_mask_BA)
+    return np.array([len(s) for s in spans], np.int64)
+
+
+def sequences_needed(prompt_mask_BQ, resp_mask_BA) -> int:
     C = np.shape(prompt_mask_BQ)[1] + np.shape(resp_mask_BA)[1] - 1
-    return len(first_fit_decreasing(np.array([len(s) for s in spans]), C))
+    return len(first_fit_decreasing(row_lengths(prompt_mask_BQ, resp_mask_BA), C))
 
 
-def pack_batch(batch, *, tokens_per_micro_batch: int, multiple: int = 1):
+def balanced_groups(lengths_MB: np.ndarray, group_size: int) -> np.ndarray:
+    """[M * B] row order (new row i is old row ``order[i]``, rows flattened over the micro-batches) that
+    deals whole groups to the M micro-batches so their token counts are even: groups longest first, each
+    to the micro-batch with the fewest tokens that has room (deterministic; a group keeps its rows' order
+    and each micro-batch its groups' order)."""
+    M, B = lengths_MB.shape
+    per = B // group_size  # groups per micro-batch
+    tokens_g = lengths_MB.reshape(M * per, group_size).sum(1)
+    load, held = np.zeros(M, np.int64), [[] for _ in range(M)]
+    for g in np.argsort(-tokens_g, kind="stable"):
+        m = min((m for m in range(M) if len(held[m]) < per), key=lambda m: (load[m], m))
+        held[m].append(int(g))
+        load[m] += tokens_g[g]
+    groups_MP = np.array([sorted(h) for h in held])
+    return (groups_MP[..., None] * group_size + np.arange(group_size)).reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequencePlan:
+    """How an update's micro-batches are packed (host numbers): ``order`` [M * B] the row order (identity
+    unless groups moved, see :func:`balanced_groups`), ``needed`` [M] the sequences first-fit decreasing
+    opens in each micro-batch, ``sequences`` the count all of them run (a bucket)."""
+
+    order: np.ndarray
+    needed: np.ndarray
+    sequences: int
+
+
+def plan_sequences(lengths_MB: np.ndarray, capacity: int, *, tokens_per_micro_batch: int, multiple: int = 1,
+                   group_size: int = 0) -> SequencePlan:
+    """The packing of micro-batches whose rows run ``lengths_MB`` [M, B] tokens into sequences of
+    ``capacity``: the smallest bucket (:func:`sequence_buckets`) that fits the fullest micro-batch; with
+    ``group_size``, whole groups move between micro-batches (:func:`balanced_groups`) when that lowers it."""
+    lengths_MB = np.asarray(lengths_MB, np.int64)
+    M, B = lengths_MB.shape
+    buckets = sequence_buckets(B, capacity, tokens_per_micro_batch, multiple)
+
+    def planned(order):
+        rows_MB = lengths_MB.reshape(-1)[order].reshape(M, B)
+        needed = np.array([len(first_fit_decreasing(rows_MB[m], capacity)) for m in range(M)])
+        # the last bucket is one sequence per row: always fits
+        return SequencePlan(order, needed, next(b for b in buckets if b >= needed.max()))
+
+    plan = planned(np.arange(M * B))
+    if group_size and M > 1 and B % group_size == 0:
+        moved = planned(balanced_groups(lengths_MB, group_size))
+        for target in reversed([b for b in buckets if b < moved.sequences]):
+            order = _swap_groups_under(lengths_MB, moved.order, group_size, capacity, target)
+            if order is None:
+                break
+            moved = planned(order)
+        plan = moved if moved.sequences < plan.sequences else plan
+    return plan
+
+
+def _swap_groups_under(lengths_MB, order, group_size: int, capacity: int, target: int) -> np.ndarray | None:
+    """``order`` with groups swapped between micro-batches until each needs at most ``target`` sequences,
+    or None. Balanced token counts can still leave a micro-batch one sequence over (first-fit decreasing
+    also depends on how its rows' lengths combine): each micro-batch over the target trades one group
+    for another micro-batch's, the first trade that leaves both within it (deterministic)."""
+    M, B = lengths_MB.shape
+    per = B // group_size
+    groups_MP = np.asarray(order).reshape(M, per, group_size)[..., 0] // group_size
+    tokens_g = lengths_MB.reshape(M * per, group_size)
+
+    def need(groups) -> int:
+        return len(first_fit_decreasing(tokens_g[np.asarray(groups)].reshape(-1), capacity))
+
+    needs = [need(g) for g in groups_MP]
+    for m in range(M):
+        if needs[m] <= target:
+            continue
+        traded = False
+        for i in range(per):
+            for other in range(M):
+                if other == m:
+                    continue
+                for j in range(per):
+                    a, b = groups_MP[m].copy(), groups_MP[other].copy()
+                    a[i], b[j] = groups_MP[other][j], groups_MP[m][i]
+                    na, nb = need(a), need(b)
+                    if na <= target and nb <= target:
+                        groups_MP[m], groups_MP[other], needs[m], needs[other] = a, b, na, nb
+                        traded = True
+                        break
+                if traded:
+                    break
+            if traded:
+                break
+        if not traded:
+            return None
+    return (np.sort(groups_MP, axis=1)[..., None] * group_size + np.arange(group_size)).reshape(-1)
+
+
+def pack_batch(batch, *, tokens_per_micro_batch: int, multiple: int = 1, group_size: int = 0):
     """``batch`` (an ``UpdateBatch`` of host arrays ``[M, rows, ...]``) with its ``packing`` set: every
-    micro-batch packed into the same number of sequences, the smallest bucket that fits the fullest one."""
+    micro-batch packed into the same number of sequences, the smallest bucket that fits the fullest one.
+
+    ``group_size``: whole groups may move between micro-batches (:func:`plan_sequences`), so the rows come
+    back in another order; only for a batch whose rows are not read back by position (an update's, not a
+    scoring pass's)."""
     pm, rm = (np.asarray(x) for x in (batch.prompt_mask_BQ, batch.resp_mask_BA))
     M, rows = rm.shape[:2]
     C = pm.shape[-1] + rm.shape[-1] - 1
-    need = max(sequences_needed(pm[m], rm[m]) for m in range(M))
-    buckets = sequence_buckets(rows, C, tokens_per_micro_batch, multiple)
-    z = next(b for b in buckets if b >= need)  # the last bucket is one sequence per row: always fits
-    parts = [pack(pm[m], rm[m], sequences=z) for m in range(M)]
+    lengths = np.stack([row_lengths(pm[m], rm[m]) for m in range(M)])
+    plan = plan_sequences(lengths, C, tokens_per_micro_batch=tokens_per_micro_batch, multiple=multiple,
+                          group_size=group_size)
+    if not np.array_equal(plan.order, np.arange(M * rows)):
+        batch = jax.tree.map(lambda x: np.asarray(x).reshape(M * rows, *np.shape(x)[2:])[plan.order]
+                             .reshape(np.shape(x)), batch)
+        pm, rm = (np.asarray(x) for x in (batch.prompt_mask_BQ, batch.resp_mask_BA))
+    parts = [pack(pm[m], rm[m], sequences=plan.sequences) for m in range(M)]
     return batch.replace(packing=jax.tree.map(lambda *xs: np.stack(xs), *parts))
 
 

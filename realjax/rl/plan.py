@@ -77,12 +77,14 @@ class RunPlan:
             return 0
         return sequence_buckets(rows, seq_len, budget, shd.batch_rows_multiple(self.mesh, shd.TRAIN_RULES))[0]
 
-    def pack(self, batch: UpdateBatch) -> UpdateBatch:
-        """A cut host batch ``[M, rows, ...]`` with its packing (``optim.tokens_per_micro_batch``), or as is."""
+    def pack(self, batch: UpdateBatch, *, move_groups: bool = False) -> UpdateBatch:
+        """A cut host batch ``[M, rows, ...]`` with its packing (``optim.tokens_per_micro_batch``), or as is.
+        ``move_groups``: an update's batch, whose groups may change micro-batch to lower the sequence count
+        (the rows come back in another order: not for a scoring pass, read back by position)."""
         budget = self.cfg.optim.tokens_per_micro_batch
         if not budget:
             return batch
-        return pack_batch(batch, tokens_per_micro_batch=budget,
+        return pack_batch(batch, tokens_per_micro_batch=budget, group_size=self.group_size if move_groups else 0,
                           multiple=shd.batch_rows_multiple(self.mesh, shd.TRAIN_RULES))
 
     def update_step(self, graphdef):

@@ -211,10 +211,11 @@ class Trainer:
                            resp_mask_BA=batch.resp_mask, row_mask_B=keep.astype(np.float32),
                            old_logp_BA=batch.old_logp, rewards_B=batch.rewards)
 
-    def _place(self, batch: UpdateBatch, parts: int) -> UpdateBatch:
+    def _place(self, batch: UpdateBatch, parts: int, move_groups: bool = False) -> UpdateBatch:
         """[rows, ...] -> [parts, rows / parts, ...] on the mesh (each part is whole groups), packed when
-        configured."""
-        return shd.put_batch(self.plan.pack(batch.cut(parts)), self.mesh, shd.TRAIN_RULES, axis=1)
+        configured (``move_groups``: see ``RunPlan.pack``)."""
+        return shd.put_batch(self.plan.pack(batch.cut(parts), move_groups=move_groups), self.mesh, shd.TRAIN_RULES,
+                             axis=1)
 
     def _old_and_ref_logp(self, batch: UpdateBatch, step: int) -> tuple[UpdateBatch, dict]:
         """Recompute old log-probs when configured (or, to measure the mismatch, now and then); reference
@@ -256,7 +257,7 @@ class Trainer:
             # LoRA dropout: masks drawn from (seed, step, update), so a resumed run draws the same ones
             key = (jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.seed + 2), self.step), k)
                    if self.plan.lora is not None and self.plan.lora.dropout > 0 else None)
-            self.state, m = self.update(self.state, self._place(mini, o.micro_batches), key)
+            self.state, m = self.update(self.state, self._place(mini, o.micro_batches, move_groups=True), key)
             pending.append(m)
         collected = jax.device_get(pending)
         for m in collected:

@@ -62,6 +62,7 @@ from realjax.rl.plan import make_plan
 from realjax.rl.setup import DEMO_ASSET
 from realjax.sampling import Sampler
 from realjax.tools.aot.lengths import rollout_under_lengths
+from realjax.tools.aot.packed_update import price_config
 from realjax.tools.aot.programs import COUNT_LAYERS, Jobs, Program, compile_program, merge, window_unrolled_flops
 from realjax.tools.aot.topology import Topology, parse_topology, topology_devices
 
@@ -228,6 +229,8 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
             under["step_time_roofline_s"] = (rep["step_time_roofline_s"] - rep["phase_time_roofline_s"]["rollout"]
                                              + under["rollout_roofline_s"])
             rep[key] = under
+    rep["update_under_lengths"] = price_config(cfg, mcfg, lengths, prompt=tp, attention=plan.attention.name,
+                                               multiple=shd.batch_rows_multiple(mesh, shd.TRAIN_RULES))
     return rep
 
 

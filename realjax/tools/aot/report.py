@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from realjax.tools.aot.packed_update import format_update_line
+
 GiB = 1024 ** 3
 
 
@@ -55,7 +57,8 @@ def format_report(rep: dict, config: str = "") -> str:
             f"(rollout {_secs(ph['rollout'])}, scoring {_secs(ph['score'])}, updates {_secs(ph['update'])})")
     verdict = (f"{'fits' if rep['fits'] else 'DOES NOT FIT'}: peak {_gib(rep['peak_bytes_per_chip'])} of "
                f"{_gib(rep['hbm_bytes_per_chip'])} GiB per chip")
-    return "\n".join(lines + ["", legend, step, *_lengths_line(rep), verdict])
+    updates = [format_update_line(rep["update_under_lengths"])] if rep.get("update_under_lengths") else []
+    return "\n".join(lines + ["", legend, step, *_lengths_line(rep), *updates, verdict])
 
 
 def _lengths_line(rep: dict) -> list[str]:

@@ -32,7 +32,7 @@ from flax import nnx
 
 from realjax.models import init_model
 from realjax.sampling import Engine, Sampler, SamplingConfig, decode_windows
-from realjax.tools.bench.timing import interleaved, median
+from realjax.tools.bench.timing import interleaved, median, seconds
 from realjax.tools.bench.vllm_baseline import run_vllm
 
 LENGTHS = ("r1-distill", "all-max", "uniform")
@@ -65,6 +65,23 @@ def minimum_slots_read(lengths: np.ndarray, prompt: int) -> int:
     """The least a decode can read: at step s a live row attends to its prompt and its s tokens."""
     n = lengths.astype(np.int64) - 1  # decode steps of each row
     return int(np.sum(n * prompt + n * (n + 1) // 2))
+
+
+def step_cost(sampler: Sampler, graphdef, state, vocab: int, *, rows: int, prompt: int, steps: int, key,
+              repeats: int, seed: int = 1) -> float:
+    """Seconds per decode step of ``sampler`` at ``rows`` rows (early in the cache: its first window): a
+    call that decodes ``1 + steps`` tokens per row minus one that decodes only the prefill's token,
+    interleaved, median over ``repeats`` rounds."""
+    ids = jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (rows, prompt)), jnp.int32)
+    mask = jnp.ones((rows, prompt), jnp.int32)
+
+    def call(tokens):
+        budgets = np.full(rows, tokens, np.int32)
+        return lambda: {"s": seconds(lambda: jax.block_until_ready(
+            sampler(graphdef, state, ids, mask, key, budgets=budgets).tokens))}
+
+    _, rounds = interleaved({"short": call(1), "long": call(1 + steps)}, repeats)
+    return median(range(len(rounds["long"])), lambda i: rounds["long"][i]["s"] - rounds["short"][i]["s"]) / steps
 
 
 def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, lengths: str, slots: int,
@@ -122,6 +139,17 @@ def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, len
         "rows_equal": float(np.mean((outputs["static"].tokens == outputs["engine"].tokens).all(axis=1))),
         "logprobs_max_diff": float(np.abs(outputs["static"].logprobs - outputs["engine"].logprobs).max()),
     }
+    # The step-cost model (module docstring): both samplers priced at the same per-step cost.
+    smallest = min(b for b, _, _ in engine.stats.chunks)
+    probe = min(window_tokens, new - 1, 16)
+    t_small, t_full = (step_cost(static, graphdef, state, cfg.vocab_size, rows=b, prompt=prompt, steps=probe, key=key,
+                                 repeats=repeats) for b in (smallest, rows))
+    per_row = (t_full - t_small) / max(rows - smallest, 1)
+    fixed = t_small - smallest * per_row
+    static_bound = (int(budget_B.max()) - 1) * t_full
+    engine_bound = sum(steps * (fixed + b * per_row) for b, _, steps in engine.stats.chunks)
+    res.update(step_fixed_ms=1e3 * fixed, step_per_row_ms=1e3 * per_row, speedup_bound=static_bound / engine_bound,
+               speedup_of_bound=res["speedup"] * engine_bound / static_bound)
     if vllm_python:  # after realjax's rounds: the two never share the cores
         res.update(run_vllm(vllm_python, model, np.asarray(ids), budget_B, group_size=group_size,
                             temperature=temperature, repeats=repeats, seed=seed))
