@@ -31,10 +31,10 @@ read averaged over the steps), a step reading the KV cache only up to its window
 accessed" is kept in the JSON; it counts whole-buffer traffic of in-place cache updates, so it
 overstates decoding several times. For the same reason a model with scanned layers
 (``model.scan_layers``) would count one layer: its FLOPs are the compiled program's times the ratio of
-two uncompiled counts of the whole (unpartitioned) program, with the layer scan unrolled and as
-compiled; the unrolled count comes from the same run with 1 and 2 blocks unrolled
-(``ModelConfig.unroll_scan``), affine in the blocks (``realjax.tools.aot.programs``). Memory and compile
-time are the scanned program's own. Independent programs compile side by side on ``workers`` threads.
+two uncompiled counts of the whole (unpartitioned) program, one lowered with the layer scan unrolled
+(``ModelConfig.unroll_scan``: same parameters) and the one compiled (``realjax.tools.aot.programs``).
+Memory and compile time are the scanned program's own. Independent programs compile side by side on
+``workers`` threads.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from realjax.rl.setup import DEMO_ASSET
 from realjax.sampling import Sampler
 from realjax.tools.aot.lengths import rollout_under_lengths
 from realjax.tools.aot.packed_update import price_config
-from realjax.tools.aot.programs import COUNT_LAYERS, Jobs, Program, compile_program, merge, window_unrolled_flops
+from realjax.tools.aot.programs import Jobs, Program, compile_program, merge, window_unrolled_flops
 from realjax.tools.aot.topology import Topology, parse_topology, topology_devices
 
 GiB = 1024 ** 3
@@ -115,20 +115,20 @@ class _State:
     # per chip: params (LoRA: the adapters), opt_state, rollout_params (0: same buffers), ref_params, frozen
     bytes: dict[str, int]
     rollout_graphdef: Any = None  # the model rollouts run (LoRA: the plain model on merged weights)
-    layers: int = 0  # the model's blocks
-    # Scanned layers: the same run with ``COUNT_LAYERS`` blocks, its scan unrolled, whose programs' HLO
-    # counts give the FLOPs XLA counts once per scan (``programs.unrolled_flops``); () when not scanned.
-    counting: tuple = ()
+    count_graphdef: Any = None  # the model with its layer scan unrolled, for FLOPs (None: not scanned)
+    rollout_count_graphdef: Any = None  # the rollout model's, unrolled (None: not scanned)
 
     def rollout(self) -> "_State":
         """The state as the sampler's programs see it: the rollout model, counted as such."""
-        return dataclasses.replace(self, graphdef=self.rollout_graphdef,
-                                   counting=tuple(c.rollout() for c in self.counting))
+        return dataclasses.replace(self, graphdef=self.rollout_graphdef, count_graphdef=self.rollout_count_graphdef)
+
+    def unrolled(self) -> "_State":
+        """The same state with the model's layer scan unrolled: same parameters, XLA counts every layer."""
+        return dataclasses.replace(self, graphdef=self.count_graphdef)
 
 
-def _abstract_state(cfg, mcfg, mesh, stops, counting: bool = True) -> _State:
-    """Weights, optimizer and shardings exactly as ``Trainer`` builds them (its run plan), nothing allocated;
-    with scanned layers (and ``counting``) also the small unrolled variants that count its FLOPs."""
+def _abstract_state(cfg, mcfg, mesh, stops) -> _State:
+    """Weights, optimizer and shardings exactly as ``Trainer`` builds them (its run plan), nothing allocated."""
     graphdef, abstract = abstract_model(mcfg)
     trained, frozen = split_policy(abstract, mcfg.lora)  # LoRA: adapters train, the base is frozen
     plan = make_plan(cfg, mesh, compute_dtype=mcfg.dtype, abstract_params=trained, stop_ids=stops,
@@ -151,10 +151,8 @@ def _abstract_state(cfg, mcfg, mesh, stops, counting: bool = True) -> _State:
     state = TrainState(params, opt_state, params if own_ref else None, frozen)
     plain = mcfg if frozen is None else mcfg.replace(lora=None)  # LoRA: rollouts run the plain model
     rollout_graphdef = graphdef if frozen is None else abstract_model(plain)[0]
-    variants = tuple(_abstract_state(cfg, mcfg.replace(num_layers=k, scan_layers=True, unroll_scan=True), mesh,
-                                     stops, counting=False)
-                     for k in COUNT_LAYERS) if counting and mcfg.scanned else ()
-    return _State(graphdef, plan, state, rollout_params, sizes, rollout_graphdef, mcfg.num_layers, variants)
+    unrolled = (lambda c: abstract_model(c.replace(unroll_scan=True))[0]) if mcfg.scanned else (lambda c: None)
+    return _State(graphdef, plan, state, rollout_params, sizes, rollout_graphdef, unrolled(mcfg), unrolled(plain))
 
 
 def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str = "r1-distill",
@@ -256,10 +254,9 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
         state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info)
         cache.update(bytes=_bytes_per_chip((state.cache.k, state.cache.v)), slots=state.cache.length)
         windows, start = sampler.windows(state), tp
-        lower = lambda s, w: sampler.decode_program.lower(s.graphdef, s.rollout_params,
-                                                          sampler.with_window(_with_layers(state, s.layers), w))
+        lower = lambda s, w: sampler.decode_program.lower(s.graphdef, s.rollout_params, sampler.with_window(state, w))
         t0 = time.perf_counter()
-        unrolled = window_unrolled_flops(lower, st, windows) if st.counting else lambda w: None
+        unrolled = window_unrolled_flops(lower, st, windows) if st.count_graphdef is not None else lambda w: None
         for w in windows:  # the steps that write slots [start, w) run in the program for window w
             parts.append(Program(prefix + "decode", w - start, f"window {w}", resident,
                                  unread_bytes=cache["bytes"] * (1 - w / cache["slots"]), window=w))
@@ -282,14 +279,6 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
         return [prefill, decode]
 
     return programs
-
-
-def _with_layers(state, layers: int):
-    """The decode state for a model of ``layers`` blocks (a FLOP-counting variant): the cache resized."""
-    if state.cache.k.shape[0] == layers:
-        return state
-    resize = lambda x: jax.ShapeDtypeStruct((layers, *x.shape[1:]), x.dtype, sharding=x.sharding)
-    return state.replace(cache=state.cache.replace(k=resize(state.cache.k), v=resize(state.cache.v)))
 
 
 def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Program], state_bytes: dict) -> dict:

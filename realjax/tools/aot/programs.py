@@ -1,13 +1,12 @@
 """One compiled program of ``realjax compile``: its memory and FLOPs, how the FLOPs of scanned layers are
 counted, and the worker threads the programs compile on.
 
-Where the time goes (1.5B on v5p-8, a 2-core host): XLA's compile is most of it; tracing and lowering a
-scanned program take seconds. XLA's cost analysis counts a loop body once, so a scanned program's FLOPs
-are one layer's: they are scaled by the ratio of two counts of the uncompiled, unpartitioned HLO, the
-program with its layer scan unrolled over ``layers`` blocks and as compiled. Lowering the unrolled
-28-block program (an update's backward pass included) cost as much as compiling the scanned one; the
-blocks are identical, so the unrolled count is affine in the block count, and two small unrolled
-variants (``COUNT_LAYERS`` blocks, the same shapes otherwise) give it exactly (``unrolled_flops``).
+Where the time goes (1.5B on v5p-8, this 2-core host): XLA's TPU compile is almost all of it; tracing
+and lowering take about a second per program, and so does counting a scanned program's FLOPs. XLA's cost
+analysis counts a loop body once, so a scanned program's FLOPs are one layer's: they are scaled by the
+ratio of two counts of the uncompiled, unpartitioned HLO, the program with its layer scan unrolled
+(``ModelConfig.unroll_scan``) and as compiled (its own lowering, counted before it compiles). The
+unrolled lowering is cheap because the remat'd block is traced once and reused for every layer.
 """
 
 from __future__ import annotations
@@ -21,10 +20,6 @@ from typing import Any
 import jax
 from jax._src.lib import _jax  # private: no public API counts an uncompiled HLO module on another backend
 
-# The block counts of the small unrolled variants whose HLO counts give a scanned program's FLOPs.
-COUNT_LAYERS = (1, 2)
-
-
 @dataclasses.dataclass
 class Program:
     name: str
@@ -34,9 +29,9 @@ class Program:
     memory: dict[str, int] = dataclasses.field(default_factory=dict)
     flops: float = 0.0  # per chip, one run
     bytes_accessed: float = 0.0  # per chip, one run
-    compile_s: float = 0.0  # XLA's compile (this host's CPU, seconds)
+    compile_s: float = 0.0  # XLA's compile (wall seconds on this host)
     lower_s: float = 0.0  # tracing and lowering to StableHLO
-    count_s: float = 0.0  # scanned layers: the FLOP counts of the uncompiled HLO (``unrolled_flops``)
+    count_s: float = 0.0  # scanned layers: the FLOP counts of the uncompiled HLO (``hlo_flops``)
     error: str = ""  # RESOURCE_EXHAUSTED text when XLA cannot fit it
     unread_bytes: float = 0.0  # per chip, one run: argument bytes it never reads (cache beyond its window)
     window: int = 0  # a decode window's program: the cache slots it reads
@@ -65,13 +60,13 @@ def compile_program(program: Program, lower, log, st, unrolled: float | None = N
     """Compile ``lower(st)``'s program and fill in ``program``; an out-of-memory compile is recorded.
 
     ``st`` is the run's abstract state (``realjax.tools.aot.compile``): with scanned layers
-    (``st.counting``) the FLOPs are scaled by the unrolled count (``unrolled_flops`` unless given) over
-    the compiled program's own uncompiled count."""
+    (``st.count_graphdef``) the FLOPs are scaled by the count of ``lower(st.unrolled())`` (or
+    ``unrolled``, when given) over the compiled program's own uncompiled count."""
     log(f"compiling {program.name} ({program.shape})")
     t0 = time.perf_counter()
     lowered = lower(st)
     program.lower_s, t0 = time.perf_counter() - t0, time.perf_counter()
-    scanned = hlo_flops(lowered) if st.counting else 0.0  # the compiled program's own HLO, one lowering
+    scanned = hlo_flops(lowered) if st.count_graphdef is not None else 0.0  # the very program it compiles
     program.count_s += time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
@@ -95,10 +90,10 @@ def compile_program(program: Program, lower, log, st, unrolled: float | None = N
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     program.flops = float(cost.get("flops", 0.0))
     program.bytes_accessed = float(cost.get("bytes accessed", 0.0))
-    if st.counting:
+    if st.count_graphdef is not None:
         t0 = time.perf_counter()
         if unrolled is None:
-            unrolled = unrolled_flops(lower, st)
+            unrolled = hlo_flops(lower(st.unrolled()))
         program.flops *= unrolled / scanned
         program.count_s += time.perf_counter() - t0
     return compiled
@@ -113,21 +108,11 @@ def hlo_flops(lowered) -> float:
     return _jax.hlo_module_cost_analysis(cpu, lowered._lowering.hlo().as_hlo_module())["flops"]
 
 
-def unrolled_flops(lower, st) -> float:
-    """The FLOPs of ``lower(st)`` with all ``st.layers`` blocks unrolled, as if counted on that program.
-
-    Every block is the same ops on same-shaped weights, and everything else (embedding, loss, optimizer
-    on the stacked weights) does not depend on the block count or grows with it in proportion, so the
-    count is affine in the blocks: two small unrolled variants (``st.counting``) fix the line."""
-    (k1, f1), (k2, f2) = ((c.layers, hlo_flops(lower(c))) for c in st.counting)
-    return f1 + (f2 - f1) * (st.layers - k1) / (k2 - k1)
-
-
 def window_unrolled_flops(lower, st, windows):
     """``window -> unrolled FLOPs`` of the decode step (``lower(st, window)``). A step's FLOPs are affine in
     its window (attention reads ``window`` slots), so the first and last windows' counts give every
     other's."""
-    first, last = (unrolled_flops(lambda s, w=w: lower(s, w), st) for w in (windows[0], windows[-1]))
+    first, last = (hlo_flops(lower(st.unrolled(), w)) for w in (windows[0], windows[-1]))
     if windows[-1] == windows[0]:
         return lambda w: first
     return lambda w: first + (last - first) * (w - windows[0]) / (windows[-1] - windows[0])
