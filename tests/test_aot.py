@@ -122,7 +122,7 @@ def test_compile_bad_topology_is_a_one_line_error(capsys):
 # AOT compiles (libtpu)
 # ----------------------------------------------------------------------------------------------------
 TINY = ["rollout.max_new_tokens=16", "rollout.prompts_per_step=8", "rollout.prompts_per_call=4",
-        "data.max_prompt_tokens=16", "eval.n=4", "eval.prompts_per_call=4"]
+        "data.max_prompt_tokens=16", "eval.n=4", "eval.prompts_per_call=4", "rollout.compact_every=4"]
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,12 @@ def test_tiny_compile_for_v5p_8(tiny_report):
     assert u["lengths"] == "r1-distill" and u["useful_tokens"] <= u["row_steps"] < 2 * 32 * 16
     assert 0 < u["rollout_roofline_s"] < rep["phase_time_roofline_s"]["rollout"]
     assert u["step_time_roofline_s"] < rep["step_time_roofline_s"]
+    # The engine's own moves, the largest of each in that schedule, compiled: they fit at this size.
+    moves = rep["engine_programs"]
+    assert set(moves) == {"engine_compact", "engine_insert"} and all(p["fits"] for p in moves.values())
+    assert moves["engine_compact"]["runs_per_step"] == u["compactions"] > 0
+    assert moves["engine_insert"]["runs_per_step"] == u["inserts"] == 2  # one call's rows each, all slots free
+    assert moves["engine_compact"]["shape"].startswith(f"{u['largest_compaction'][0]} -> {u['largest_compaction'][1]} ")
 
 
 def test_rollout_under_lengths_prices_the_engine_schedule():
