@@ -11,7 +11,8 @@ decode program for that window, scaled to the bucket's rows: the weights read on
 The prefill is the all-max bound's.
 
 The cache moves are the engine's two other programs, priced as HBM traffic (bytes read + written at the
-chip's HBM bandwidth; they compute nothing), not compiled here:
+chip's HBM bandwidth; they compute nothing; ``realjax compile`` compiles the largest of each to check that
+it fits, ``realjax.tools.aot.engine_moves``):
 
 * a compaction (``Engine._compact``, at most once per ``rollout.compact_every`` steps) gathers the ``b'``
   slots the smaller bucket keeps: their whole cache [L, b', K, S, H] read and written once;
@@ -19,11 +20,14 @@ chip's HBM bandwidth; they compute nothing), not compiled here:
   cache into free slots: it gathers one prompt cache per entry of its slot list, which is padded to the
   bucket (one compile per size), and writes the entering rows' prompt slots.
 
-Both are priced per chip as if each chip moved only its own rows; the batch axis is split over the
-data-parallel chips, so a gather whose rows sit on other chips also crosses the interconnect, which this
-does not price. Nor are the host decisions between chunks. Memory: the engine's largest bucket is the static
-decode's batch (``rollout.slots`` = 0) or smaller; beside it the engine keeps the prompts' prefilled
-cache (``prompts_per_call`` x prompt slots), added to the decode's peak here.
+Both are priced per chip as if each chip moved only its own rows. The batch axis is split over the
+data-parallel chips, and XLA partitions the engine's gathers over it by building the whole result on
+every chip and all-reducing it over the interconnect: that traffic is not priced (nor are the host
+decisions between chunks), and the compiled programs say whether that layout fits at all.
+
+Memory: the engine's largest bucket is the static decode's batch (``rollout.slots`` = 0) or smaller;
+beside it the engine keeps the prompts' prefilled cache (``prompts_per_call`` x prompt slots), added to
+the decode's peak here.
 """
 
 from __future__ import annotations
