@@ -79,11 +79,13 @@ def rollout_under_lengths(name: str, *, prefill, decode, chip, rows: int, calls:
     prompts_cache = decode.cache_bytes * prompts * prompt / (compiled_rows * S)
     return {"lengths": name, "mean_tokens": float(lengths.mean()), "cut_at_max": float(np.mean(lengths == new)),
             "calls": calls, "rows_per_call": rows, "slots": slots or rows, "compact_every": compact_every,
-            "useful_tokens": int(lengths.sum()), "row_steps": row_steps, "utilisation": float(lengths.sum() / row_steps),
+            "useful_tokens": int(lengths.sum()), "row_steps": row_steps,
+            "utilisation": float(lengths.sum() / row_steps),
             "decode_programs": len(programs), "decode_s": decode_s, "prefill_s": prefill_s,
             "compactions": compactions, "compaction_bytes_per_chip": int(compact_bytes), "compaction_s": compact_s,
             "inserts": inserts, "inserted_rows": inserted, "insert_bytes_per_chip": int(insert_bytes),
-            "insert_s": insert_s, "largest_compaction": list(largest_compaction), "largest_insert": list(largest_insert),
+            "insert_s": insert_s, "largest_compaction": list(largest_compaction),
+            "largest_insert": list(largest_insert),
             "rollout_roofline_s": prefill_s + decode_s + compact_s + insert_s,
             "engine_prompts_cache_bytes_per_chip": int(prompts_cache),
             "engine_decode_peak_bytes_per_chip": int(decode.total + prompts_cache)}
