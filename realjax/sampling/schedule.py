@@ -40,6 +40,27 @@ def fit_bucket(sizes: tuple[int, ...], n: int) -> int:
     return next(s for s in sizes if s >= n)
 
 
+def compaction_order(live: np.ndarray, queued: int, cap: int, sizes: tuple[int, ...], chips: int):
+    """The slots a compaction keeps, in their new order, or None when the batch keeps its size.
+
+    The batch axis is split over ``chips`` (the data-parallel devices) in contiguous blocks of slots, and
+    no row leaves its chip: XLA partitions a gather across the batch's shards, with indices known only at
+    run time, as "every chip builds the whole result, then all-reduce", which for the paper's caches is
+    several times a chip's memory. So the new bucket holds the live rows plus the queue (up to ``cap``),
+    and at least ``chips`` times the live rows of the busiest chip; each chip keeps its live slots first,
+    then free ones, in the new bucket's block that is its own.
+    """
+    per = live.size // chips
+    blocks = live.reshape(chips, per)
+    busiest = int(blocks.sum(axis=1).max())
+    want = fit_bucket(sizes, max(min(int(live.sum()) + queued, cap), chips * busiest))
+    if want >= live.size:
+        return None
+    keep = want // chips
+    return np.concatenate([c * per + np.concatenate([np.flatnonzero(b), np.flatnonzero(~b)])[:keep]
+                           for c, b in enumerate(blocks)])
+
+
 def chunk_window(longest: int, prompt: int, new: int, compact_every: int, window_tokens: int) -> int:
     """The cache window of a chunk whose longest live row has generated ``longest`` tokens: room for
     ``compact_every`` more, rounded up to ``window_tokens`` (the static sampler's windows), at most the
@@ -71,11 +92,9 @@ def schedule(lengths, *, prompt: int, new: int, slots: int, multiple: int, compa
     made, left = np.zeros(fit_bucket(sizes, cap), np.int64), np.zeros(fit_bucket(sizes, cap), np.int64)
     out = Schedule([], [], [])
     while left.any() or queue:
-        live = left > 0
-        want = fit_bucket(sizes, min(int(live.sum()) + len(queue), cap))
-        if want < left.size:  # live slots first, then free ones to fill the bucket
-            order = np.concatenate([np.flatnonzero(live), np.flatnonzero(~live)])[:want]
-            out.compactions.append((left.size, want))
+        order = compaction_order(left > 0, len(queue), cap, sizes, multiple)
+        if order is not None:
+            out.compactions.append((left.size, order.size))
             made, left = made[order], left[order]
         free = np.flatnonzero(left == 0)[:len(queue)]
         if free.size:
