@@ -71,7 +71,8 @@ def truncate(z_BV, *, top_k: int = 0, top_p: float = 1.0):
     top_Bv = None
     if top_k > 0 and top_k < z_BV.shape[-1]:
         top_Bv = jax.lax.top_k(z_BV, top_k)[0]
-        z_BV = jnp.where(z_BV < top_Bv[:, -1:], _NEG, z_BV)
+        # The min, not top_Bv[:, -1:]: a slice of the values makes XLA's CPU backend sort the whole row.
+        z_BV = jnp.where(z_BV < jnp.min(top_Bv, axis=-1, keepdims=True), _NEG, z_BV)
     if top_p < 1.0:
         z_BV = jnp.where(z_BV < nucleus_threshold(z_BV, top_p, top_Bv=top_Bv), _NEG, z_BV)
     return z_BV
