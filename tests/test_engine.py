@@ -12,7 +12,7 @@ from realjax import sharding as shd
 from realjax.data import batch_prompts
 from realjax.models import from_pretrained
 from realjax.sampling import Engine, Sampler, SamplingConfig, nucleus
-from realjax.sampling.schedule import bucket_sizes, schedule
+from realjax.sampling.schedule import bucket_sizes, compaction_order, schedule
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [20, 21, 22], [23], [30, 31, 32, 33, 34]]
 
@@ -121,16 +121,28 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path):
     mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.8, window_tokens=10)
     prompts = PROMPTS[:4]  # the prompt batch splits over the 4 data-parallel devices
-    budgets = _budgets(8, 10, seed=1)
-    want = _run(Sampler(cfg, pad_id=0), from_pretrained(tmp_path), budgets=budgets, prompts=prompts)
-    engine = Engine(cfg, pad_id=0, slots=4, compact_every=4, mesh=mesh)
+    # 16 rows through 8 slots: queued rows refill, and the batch compacts from 8 slots to 4 (each chip's
+    # rows gathered on the chip, ``compaction_order``) once no chip holds more than one live row.
+    budgets = _budgets(16, 10, seed=1)
+    want = _run(Sampler(cfg, pad_id=0), from_pretrained(tmp_path), group_size=4, budgets=budgets, prompts=prompts)
+    engine = Engine(cfg, pad_id=0, slots=8, compact_every=4, mesh=mesh)
     compactions, inserts = _recording(engine)
     sharded = from_pretrained(tmp_path, mesh=mesh, rules=shd.ROLLOUT_RULES)
-    got = _run(engine, sharded, budgets=budgets, mesh=mesh, prompts=prompts)
+    got = _run(engine, sharded, group_size=4, budgets=budgets, mesh=mesh, prompts=prompts)
     _assert_same(got, want)
     assert all(b % 4 == 0 for b, _, _ in engine.stats.chunks)  # batch axis stays divisible by data x fsdp
-    plan = schedule(budgets, prompt=8, new=10, slots=4, multiple=4, compact_every=4, window_tokens=10)
+    plan = schedule(budgets, prompt=8, new=10, slots=8, multiple=4, compact_every=4, window_tokens=10)
     assert (engine.stats.chunks, compactions, inserts) == (plan.chunks, plan.compactions, plan.inserts)
+    assert compactions and len(inserts) > 1
+
+
+def test_compaction_keeps_rows_on_their_chip():
+    live = np.array([1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], bool)  # 4 chips x 4 slots
+    order = compaction_order(live, 0, 16, (4, 8, 12, 16), chips=4)
+    # The busiest chip has 2 live rows, so the bucket is 8 (2 per chip), not 4 (the 4 live rows).
+    np.testing.assert_array_equal(order, [0, 1, 4, 5, 8, 9, 12, 13])
+    assert compaction_order(live, 0, 16, (4, 8, 12, 16), chips=1).tolist() == [0, 1, 4, 12]
+    assert compaction_order(live, 12, 16, (4, 8, 12, 16), chips=4) is None  # the queue needs the slots
 
 
 def test_simulated_schedule_without_a_model():
