@@ -122,7 +122,7 @@ def test_compile_bad_topology_is_a_one_line_error(capsys):
 # AOT compiles (libtpu)
 # ----------------------------------------------------------------------------------------------------
 TINY = ["rollout.max_new_tokens=16", "rollout.prompts_per_step=8", "rollout.prompts_per_call=4",
-        "data.max_prompt_tokens=16", "eval.n=4", "eval.prompts_per_call=4"]
+        "data.max_prompt_tokens=16", "eval.n=4", "eval.prompts_per_call=4", "rollout.compact_every=4"]
 
 
 @pytest.fixture(scope="module")
@@ -174,13 +174,20 @@ def test_tiny_compile_for_v5p_8(tiny_report):
     assert u["lengths"] == "r1-distill" and u["useful_tokens"] <= u["row_steps"] < 2 * 32 * 16
     assert 0 < u["rollout_roofline_s"] < rep["phase_time_roofline_s"]["rollout"]
     assert u["step_time_roofline_s"] < rep["step_time_roofline_s"]
+    # The engine's own moves, the largest of each in that schedule, compiled: they fit at this size.
+    moves = rep["engine_programs"]
+    assert set(moves) == {"engine_compact", "engine_insert"} and all(p["fits"] for p in moves.values())
+    assert moves["engine_compact"]["runs_per_step"] == u["compactions"] > 0
+    assert moves["engine_insert"]["runs_per_step"] == u["inserts"] == 2  # one call's rows each, all slots free
+    assert moves["engine_compact"]["shape"].startswith(f"{u['largest_compaction'][0]} -> {u['largest_compaction'][1]} ")
 
 
 def test_rollout_under_lengths_prices_the_engine_schedule():
     """A decode whose steps read only the KV cache: the engine's price is the cache slots its chunks read
-    (rows x window x steps), at HBM bandwidth, whatever the distribution."""
+    (rows x window x steps), at HBM bandwidth, whatever the distribution; its compactions and inserts move
+    the kept rows' whole cache and the entering rows' prompt slots."""
     from realjax.tools.aot.lengths import rollout_under_lengths
-    from realjax.sampling.schedule import simulate
+    from realjax.sampling.schedule import schedule, simulate
 
     chip, rows, prompt, new, cache = topology.CHIPS["v5p"], 16, 4, 12, 2**30
     parts = [aot.Program("decode", 6, "", 0, memory={"argument": cache}, window=w) for w in (10, 16)]
@@ -195,7 +202,21 @@ def test_rollout_under_lengths_prices_the_engine_schedule():
         slot_steps = sum(b * w * s for b, w, s in chunks)
         assert u["decode_s"] == pytest.approx(cache * slot_steps / (rows * (prompt + new)) / chip.hbm_bandwidth)
         assert u["row_steps"] == rows + sum(b * s for b, _, s in chunks)
+        plan = schedule(bench_rollout.oracle_lengths(name, rows, new), prompt=prompt, new=new, slots=slots,
+                        multiple=2, compact_every=3, window_tokens=6)
+        kept = sum(b for _, b in plan.compactions)  # each kept row's whole cache read and written once
+        assert u["compactions"] == len(plan.compactions) and u["inserts"] == len(plan.inserts)
+        assert u["compaction_s"] == pytest.approx(2 * kept * cache / rows / chip.hbm_bandwidth)
+        assert u["inserted_rows"] == rows
+        assert u["rollout_roofline_s"] == pytest.approx(u["prefill_s"] + u["decode_s"] + u["compaction_s"]
+                                                        + u["insert_s"])
+        if name != "all-max":
+            assert u["compactions"] > 0 and u["compaction_s"] > 0
     assert u["utilisation"] > 0.9 and u["useful_tokens"] == rows * new  # all-max: every slot busy
+    # All-max in one bucket: no compaction; one insert of every row, its padded slot list the bucket itself:
+    # the prompts' 4 of 16 slots read and written for all 16 rows.
+    assert u["compactions"] == 0 and u["inserts"] == 1
+    assert u["insert_s"] == pytest.approx(2 * cache * prompt / (prompt + new) / chip.hbm_bandwidth)
     # Two calls' rows through the compiled call's slots in one call: the same price per slot-step.
     two = rollout_under_lengths("r1-distill", rows=2 * rows, calls=1, slots=rows, compiled_rows=rows, **kw)
     chunks = simulate(bench_rollout.oracle_lengths("r1-distill", 2 * rows, new), prompt=prompt, new=new, slots=rows,
@@ -300,9 +321,9 @@ def test_programs_compiled_on_two_threads_give_the_report_of_one(tmp_path):
     shape = [*TINY, "rollout.max_new_tokens=48", "rollout.window_tokens=16", "model.scan_layers=true"]
 
     def numbers(rep):
-        for p in rep["programs"].values():
+        for p in [*rep["programs"].values(), *rep.get("engine_programs", {}).values()]:
             for k in ("compile_s", "lower_s", "count_s"):
-                assert p.pop(k) >= 0
+                assert p.pop(k, 0) >= 0
         return rep
 
     two, one = (numbers(_compile_json(tmp_path, *shape, f"--jobs={n}")) for n in (2, 1))

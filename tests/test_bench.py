@@ -114,10 +114,10 @@ def test_gpu_bench_pieces_on_cpu(capsys):
 def test_rollout_bench(capsys, tmp_path):
     res = _run(capsys, "rollout", "--preset", "tiny", "--layers", "1", "--rows", "8", "--group-size", "2",
                "--prompt", "4", "--new", "10", "--window-tokens", "10", "--compact-every", "4", "--slots", "4",
-               "--vllm-python", _fake_vllm_python(tmp_path))
+               "--top-p", "0.95", "--vllm-python", _fake_vllm_python(tmp_path))
     _positive(res, "static_s", "engine_s", "static_tok_s", "engine_tok_s", "kv_min_gb", "vllm_tok_s", "vllm_s",
               "engine_vs_vllm", "static_vs_vllm")
-    assert res["vllm_version"] == "fake"  # the baseline ran through the subprocess protocol
+    assert res["vllm_version"] == "fake" and res["top_p"] == 0.95  # the baseline ran through the subprocess protocol
     assert res["engine_vs_vllm"] == pytest.approx(res["engine_tok_s"] / res["vllm_tok_s"])
     assert res["tokens_equal"] and res["logprobs_max_diff"] < 1e-5  # the same samples, row for row
     # The engine never runs more row-steps nor reads more cache than the static loop, and never less
@@ -155,8 +155,8 @@ __version__ = "fake"
 
 
 class SamplingParams:
-    def __init__(self, *, temperature, min_tokens, max_tokens, ignore_eos, detokenize):
-        assert temperature > 0 and min_tokens == max_tokens and ignore_eos and not detokenize
+    def __init__(self, *, temperature, top_p, min_tokens, max_tokens, ignore_eos, detokenize):
+        assert temperature > 0 and 0 < top_p <= 1 and min_tokens == max_tokens and ignore_eos and not detokenize
         self.tokens = max_tokens - (os.environ.get("FAKE_VLLM_SHORT") == "1")
 
 

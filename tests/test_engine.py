@@ -11,8 +11,8 @@ from flax import nnx
 from realjax import sharding as shd
 from realjax.data import batch_prompts
 from realjax.models import from_pretrained
-from realjax.sampling import Engine, Sampler, SamplingConfig
-from realjax.sampling.schedule import bucket_sizes, simulate
+from realjax.sampling import Engine, Sampler, SamplingConfig, nucleus
+from realjax.sampling.schedule import bucket_sizes, compaction_order, schedule
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [20, 21, 22], [23], [30, 31, 32, 33, 34]]
 
@@ -53,12 +53,31 @@ def _stop_id(model, cfg, group_size, budgets):
     return int(free.tokens[np.flatnonzero(free.lengths >= 3)[0], 1])
 
 
+def _recording(engine):
+    """The engine's compaction and insert programs as it runs them, in ``schedule``'s terms: (from bucket,
+    to bucket) per compaction, (bucket, rows entering) per insert (its slot list is padded with the bucket)."""
+    compactions, inserts = [], []
+    compact, insert = engine._compact, engine._insert
+
+    def compact_and_record(slots, order_J):
+        compactions.append((slots.done_B.shape[0], order_J.shape[0]))
+        return compact(slots, order_J)
+
+    def insert_and_record(slots, res, prompts, key, group_size, slot_J, row_J, budget_J):
+        inserts.append((slot_J.shape[0], int(np.sum(slot_J < slot_J.shape[0]))))
+        return insert(slots, res, prompts, key, group_size, slot_J, row_J, budget_J)
+
+    engine._compact, engine._insert = compact_and_record, insert_and_record
+    return compactions, inserts
+
+
 def _check(model, cfg, *, slots, compact_every, group_size=2, stop=False):
     budgets = _budgets(len(PROMPTS) * group_size, cfg.max_new_tokens)
     if stop:
         cfg = dataclasses.replace(cfg, stop_ids=(_stop_id(model, cfg, group_size, budgets),))
     want = _run(Sampler(cfg, pad_id=0), model, group_size=group_size, budgets=budgets)
     engine = Engine(cfg, pad_id=0, slots=slots, compact_every=compact_every)
+    compactions, inserts = _recording(engine)
     _assert_same(_run(engine, model, group_size=group_size, budgets=budgets), want)
     sizes = [b for b, _, _ in engine.stats.chunks]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]  # the batch did shrink
@@ -66,14 +85,20 @@ def _check(model, cfg, *, slots, compact_every, group_size=2, stop=False):
         assert sizes[0] <= slots and engine.trace_counts["insert"] >= 1
     # Compaction runs fewer row-steps than the static loop's rows x longest row.
     assert engine.stats.row_steps < budgets.size * (budgets.max() - 1)
+    assert compactions and inserts and sum(n for _, n in inserts) == budgets.size  # every row entered once
     if not stop:  # rows end at their budgets: `realjax compile`'s schedule is the engine's, chunk for chunk
-        assert engine.stats.chunks == simulate(budgets, prompt=8, new=cfg.max_new_tokens, slots=slots, multiple=1,
-                                               compact_every=compact_every, window_tokens=cfg.window_tokens)
+        plan = schedule(budgets, prompt=8, new=cfg.max_new_tokens, slots=slots, multiple=1,
+                        compact_every=compact_every, window_tokens=cfg.window_tokens)
+        assert (engine.stats.chunks, compactions, inserts) == (plan.chunks, plan.compactions, plan.inserts)
     return want
 
 
-def test_engine_equals_static_sampler_sampled_with_refill_and_stops(model):
-    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, window_tokens=8)
+def test_engine_equals_static_sampler_sampled_with_refill_and_stops(model, monkeypatch):
+    # Top-p with 72 candidates (the tiny vocabulary, 101, fits the default): this model's nuclei (71-72
+    # tokens at the first step) are bisected for some rows, under a cond on the whole batch, and settled
+    # by the candidates for others; each row must still draw what it draws in any other batch.
+    monkeypatch.setattr(nucleus, "CANDIDATES", 72)
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.5, top_p=0.8, window_tokens=8)
     want = _check(model, cfg, slots=5, compact_every=4, stop=True)
     assert want.finished.any() and not want.finished.all()
 
@@ -96,23 +121,38 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path):
     mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.8, window_tokens=10)
     prompts = PROMPTS[:4]  # the prompt batch splits over the 4 data-parallel devices
-    budgets = _budgets(8, 10, seed=1)
-    want = _run(Sampler(cfg, pad_id=0), from_pretrained(tmp_path), budgets=budgets, prompts=prompts)
-    engine = Engine(cfg, pad_id=0, slots=4, compact_every=4, mesh=mesh)
+    # 16 rows through 8 slots: queued rows refill, and the batch compacts from 8 slots to 4 (each chip's
+    # rows gathered on the chip, ``compaction_order``) once no chip holds more than one live row.
+    budgets = _budgets(16, 10, seed=1)
+    want = _run(Sampler(cfg, pad_id=0), from_pretrained(tmp_path), group_size=4, budgets=budgets, prompts=prompts)
+    engine = Engine(cfg, pad_id=0, slots=8, compact_every=4, mesh=mesh)
+    compactions, inserts = _recording(engine)
     sharded = from_pretrained(tmp_path, mesh=mesh, rules=shd.ROLLOUT_RULES)
-    got = _run(engine, sharded, budgets=budgets, mesh=mesh, prompts=prompts)
+    got = _run(engine, sharded, group_size=4, budgets=budgets, mesh=mesh, prompts=prompts)
     _assert_same(got, want)
     assert all(b % 4 == 0 for b, _, _ in engine.stats.chunks)  # batch axis stays divisible by data x fsdp
-    assert engine.stats.chunks == simulate(budgets, prompt=8, new=10, slots=4, multiple=4, compact_every=4,
-                                           window_tokens=10)
+    plan = schedule(budgets, prompt=8, new=10, slots=8, multiple=4, compact_every=4, window_tokens=10)
+    assert (engine.stats.chunks, compactions, inserts) == (plan.chunks, plan.compactions, plan.inserts)
+    assert compactions and len(inserts) > 1
+
+
+def test_compaction_keeps_rows_on_their_chip():
+    live = np.array([1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], bool)  # 4 chips x 4 slots
+    order = compaction_order(live, 0, 16, (4, 8, 12, 16), chips=4)
+    # The busiest chip has 2 live rows, so the bucket is 8 (2 per chip), not 4 (the 4 live rows).
+    np.testing.assert_array_equal(order, [0, 1, 4, 5, 8, 9, 12, 13])
+    assert compaction_order(live, 0, 16, (4, 8, 12, 16), chips=1).tolist() == [0, 1, 4, 12]
+    assert compaction_order(live, 12, 16, (4, 8, 12, 16), chips=4) is None  # the queue needs the slots
 
 
 def test_simulated_schedule_without_a_model():
     # 3 rows of 5, 2 and 9 tokens in 2 slots, 2 steps a chunk, windows of 3: rows 0 and 1 run first (their
     # first token comes at insert); row 1 ends in chunk 1 and row 2 takes its slot; row 0 ends in chunk 2
     # and row 2 goes on alone in a bucket of 1. Each window covers the longest row's tokens + 2, in 3s.
-    chunks = simulate([5, 2, 9], prompt=4, new=9, slots=2, multiple=1, compact_every=2, window_tokens=3)
-    assert chunks == [(2, 4 + 3, 2), (2, 4 + 6, 2), (1, 4 + 6, 2), (1, 4 + 6, 2), (1, 4 + 9, 2)]
+    # Moves: rows 0 and 1 enter both slots, row 2 one slot; then the batch of 2 compacts to 1.
+    plan = schedule([5, 2, 9], prompt=4, new=9, slots=2, multiple=1, compact_every=2, window_tokens=3)
+    assert plan.chunks == [(2, 4 + 3, 2), (2, 4 + 6, 2), (1, 4 + 6, 2), (1, 4 + 6, 2), (1, 4 + 9, 2)]
+    assert plan.inserts == [(2, 2), (2, 1)] and plan.compactions == [(2, 1)]
 
 
 def test_bucket_sizes_are_few_and_divisible():

@@ -62,7 +62,7 @@ def run(args) -> int:
                                 group_size=args.group_size, prompt=args.prompt, new=args.new, lengths=args.lengths,
                                 slots=args.slots, compact_every=args.compact_every,
                                 window_tokens=args.window_tokens, temperature=args.temperature,
-                                repeats=args.repeats, vllm_python=args.vllm_python)
+                                top_p=args.top_p, repeats=args.repeats, vllm_python=args.vllm_python)
         elif args.bench == "rl-step":
             res = bench_rl_step(args.config, steps=args.steps, overrides=args.overrides)
         else:

@@ -142,6 +142,7 @@ def _add_bench(sub):
     q.add_argument("--compact-every", type=int, default=16, help="engine decode steps between compactions")
     q.add_argument("--window-tokens", type=int, default=32, help="attention window growth (both samplers)")
     q.add_argument("--temperature", type=float, default=0.6)
+    q.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (evaluation: 0.95; vLLM gets it too)")
     q.add_argument("--vllm-python", metavar="PATH", help="also run vLLM (the interpreter of its venv) on the same "
                                                          "weights, prompts and lengths")
     q = which.add_parser("gpu", help="GPU: copy bandwidth, bf16 matmul, batch-1 decode roofline, learner MFU")

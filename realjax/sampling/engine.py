@@ -41,11 +41,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from realjax import sharding as shd
 from realjax.models.kv_cache import KVCache
 from realjax.sampling.sampler import SampleOutput, draw_next, step_keys, stop_mask
-from realjax.sampling.schedule import call_buckets, chunk_window, fit_bucket
+from realjax.sampling.schedule import call_buckets, chunk_window, compaction_order, fit_bucket
 from realjax.sampling.strategies import SamplingConfig, choose
 
 
@@ -146,9 +147,8 @@ class Engine:
         # (replicated on every process), never as one device's array.
         live, ends = np.zeros(fit(cap), bool), np.full(fit(cap), Tp, np.int64)
         while live.any() or queue:
-            want = fit(min(int(live.sum()) + len(queue), cap))
-            if want < live.size:  # live rows first, then free slots to fill the bucket
-                order = np.concatenate([np.flatnonzero(live), np.flatnonzero(~live)])[:want]
+            order = compaction_order(live, len(queue), cap, sizes, self.multiple)
+            if order is not None:  # each chip's live rows first, then its free slots
                 slots, live, ends = self._compact(slots, order.astype(np.int32)), live[order], ends[order]
             free = np.flatnonzero(~live)[:len(queue)]
             if free.size:
@@ -264,10 +264,19 @@ class Engine:
         return slots, res
 
     def _compact_fn(self, slots: Slots, order_J) -> Slots:
-        """Slots ``order_J`` (live ones first) as a smaller batch."""
+        """Slots ``order_J`` (``compaction_order``: no row leaves its chip) as a smaller batch."""
         self.trace_counts["compact"] += 1
         take = lambda x: jnp.take(x, order_J, axis=0)
-        cache = self._constrain(slots.cache.take_rows(order_J))
+        if self.mesh is None:
+            cache = slots.cache.take_rows(order_J)
+        else:
+            # Each chip gathers its own rows from its own block (``order_J`` modulo the block), inside
+            # shard_map: a global gather would be partitioned as the whole kept cache on every chip.
+            specs = jax.tree.map(lambda s: s.spec, slots.cache.shardings(self.mesh, self.rules))
+            local_J = order_J % (slots.row_B.shape[0] // self.multiple)
+            gather = jax.shard_map(lambda c, i: c.take_rows(i), mesh=self.mesh, check_vma=False,
+                                   in_specs=(specs, PartitionSpec(*specs.end)), out_specs=specs)
+            cache = self._constrain(gather(slots.cache, local_J))
         return Slots(row_B=take(slots.row_B), step_B=take(slots.step_B), last_B=take(slots.last_B),
                      prompt_len_B=take(slots.prompt_len_B), budget_B=take(slots.budget_B),
                      done_B=take(slots.done_B), keys_B=take(slots.keys_B), cache=cache)

@@ -13,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from realjax.sampling.nucleus import nucleus_threshold
+
 _NEG = -jnp.inf
 
 
@@ -61,19 +63,18 @@ def truncate(z_BV, *, top_k: int = 0, top_p: float = 1.0):
     """Set logits outside the top-k set and outside the nucleus to -inf (at least one token survives).
 
     The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p``: a token is kept
-    when the mass of the tokens ranked above it is still below ``top_p``.
+    when the mass of the tokens ranked above it is still below ``top_p``; tokens tied at the threshold
+    are kept together. Top-k applies first, top-p to what it keeps. No full sort of the vocabulary: the
+    nucleus is found among the largest logits (``lax.top_k``) and bisected only for rows where it is
+    wider (``realjax.sampling.nucleus``).
     """
+    top_Bv = None
     if top_k > 0 and top_k < z_BV.shape[-1]:
-        kth_B1 = jax.lax.top_k(z_BV, top_k)[0][:, -1:]
-        z_BV = jnp.where(z_BV < kth_B1, _NEG, z_BV)
+        top_Bv = jax.lax.top_k(z_BV, top_k)[0]
+        # The min, not top_Bv[:, -1:]: a slice of the values makes XLA's CPU backend sort the whole row.
+        z_BV = jnp.where(z_BV < jnp.min(top_Bv, axis=-1, keepdims=True), _NEG, z_BV)
     if top_p < 1.0:
-        sorted_BV = jnp.sort(z_BV, axis=-1)[:, ::-1]
-        p_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        before_BV = jnp.cumsum(p_BV, axis=-1) - p_BV
-        kept_BV = before_BV < top_p
-        # The smallest kept logit is the threshold; ties at the threshold are kept together.
-        threshold_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-        z_BV = jnp.where(z_BV < threshold_B1, _NEG, z_BV)
+        z_BV = jnp.where(z_BV < nucleus_threshold(z_BV, top_p, top_Bv=top_Bv), _NEG, z_BV)
     return z_BV
 
 

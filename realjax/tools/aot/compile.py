@@ -19,6 +19,10 @@ the trainer drops the rollout view of the weights before the learner runs). A pr
 fit fails to compile with RESOURCE_EXHAUSTED; that is reported as not fitting, with the size XLA asked
 for.
 
+Beside the rollout's price under a length distribution (``realjax.tools.aot.lengths``), the largest
+compaction and insert of the continuous-batching engine's schedule are compiled (``engine_programs``;
+``realjax.tools.aot.engine_moves``): they must fit too.
+
 With ``data.eval`` set, the evaluation sampler's two programs (``eval.n`` samples per prompt,
 ``eval.prompts_per_call`` prompts) are compiled too: they must fit, but are not part of the step time.
 
@@ -61,6 +65,7 @@ from realjax.rl.batch import TrainState, UpdateBatch
 from realjax.rl.plan import make_plan
 from realjax.rl.setup import DEMO_ASSET
 from realjax.sampling import Sampler
+from realjax.tools.aot.engine_moves import engine_move_lowerings
 from realjax.tools.aot.lengths import rollout_under_lengths
 from realjax.tools.aot.packed_update import price_config
 from realjax.tools.aot.programs import Jobs, Program, compile_program, merge, window_unrolled_flops
@@ -227,9 +232,35 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
             under["step_time_roofline_s"] = (rep["step_time_roofline_s"] - rep["phase_time_roofline_s"]["rollout"]
                                              + under["rollout_roofline_s"])
             rep[key] = under
+        _engine_moves(rep, cfg, st, mcfg, mesh, programs[1], resident, log, prompts=per_call, prompt=tp)
     rep["update_under_lengths"] = price_config(cfg, mcfg, lengths, prompt=tp, attention=plan.attention.name,
                                                multiple=shd.batch_rows_multiple(mesh, shd.TRAIN_RULES))
     return rep
+
+
+def _engine_moves(rep: dict, cfg, st: _State, mcfg, mesh, decode: Program, resident: int, log, *, prompts: int,
+                  prompt: int) -> None:
+    """Compile the largest compaction and insert the engine runs in the priced schedule (they must fit too:
+    ``realjax.tools.aot.engine_moves``); beside them live the rollout weights and, for a compaction, the
+    prompts' cache."""
+    r, under = cfg.rollout, rep["rollout_under_lengths"]
+    weights = decode.parts[-1].memory["argument"] - decode.cache_bytes
+    rep["engine_programs"] = {}
+    for name, shape, lower in engine_move_lowerings(
+            st.plan.sampling, mcfg, mesh, prompts=prompts, group=r.group_size, prompt=prompt, slots=r.slots,
+            compact_every=r.compact_every,
+            compaction=tuple(under["largest_compaction"]), insert=tuple(under["largest_insert"])):
+        compact = name == "engine_compact"
+        p = Program(name, under["compactions" if compact else "inserts"], shape,
+                    resident + weights + (under["engine_prompts_cache_bytes_per_chip"] if compact else 0))
+        # no model in these programs: nothing to count, and their lowering ignores the graphdef
+        compile_program(p, lambda s, lower=lower: lower(s.graphdef), log, dataclasses.replace(st, count_graphdef=None))
+        rep["engine_programs"][name] = {
+            "runs_per_step": p.runs, "shape": p.shape, **{f"{k}_bytes": v for k, v in p.memory.items()},
+            "resident_bytes": p.resident_bytes, "total_bytes": p.total, "xla_bytes_accessed_per_chip": p.bytes_accessed,
+            "fits": not p.error and p.total <= rep["hbm_bytes_per_chip"], "compile_s": round(p.compile_s, 2),
+            "error": p.error}
+    rep["fits"] = rep["fits"] and all(v["fits"] for v in rep["engine_programs"].values())
 
 
 def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, prompts: int, tp: int, group: int,

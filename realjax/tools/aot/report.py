@@ -72,7 +72,14 @@ def _lengths_line(rep: dict) -> list[str]:
             f"rollout under {u['lengths']} lengths (mean {u['mean_tokens']:.0f} tok, {u['cut_at_max']:.1%} cut at the "
             f"budget) on the engine, {u['calls']} call(s) of {u['rows_per_call']} rows in {u['slots']} slots: "
             f"{_secs(u['rollout_roofline_s'])} ({u['rollout_roofline_s'] / allmax:.2f} x all-max {_secs(allmax)}), "
-            f"slot utilisation {u['utilisation']:.1%}, {u['decode_programs']} decode programs; RL step "
+            f"slot utilisation {u['utilisation']:.1%}, {u['decode_programs']} decode programs, "
+            f"{u['compactions']} compactions ({_secs(u['compaction_s'])}) and {u['inserts']} inserts of "
+            f"{u['inserted_rows']} rows ({_secs(u['insert_s'])}) at HBM bandwidth; RL step "
             f"{_secs(u['step_time_roofline_s'])}; decode peak with the prompts' cache "
             f"{_gib(u['engine_decode_peak_bytes_per_chip'])} GiB")
+    for name, p in rep.get("engine_programs", {}).items():  # the largest of the engine's own moves
+        size = (f"peak {_gib(p['peak_bytes'])} + resident {_gib(p['resident_bytes'])} = {_gib(p['total_bytes'])} GiB"
+                if "argument_bytes" in p else f"XLA asked for {_gib(p['peak_bytes'])} GiB: {p['error']}")
+        lines.append(f"{name} ({p['shape']}, {p['runs_per_step']} per step, the largest): "
+                     f"{'fits' if p['fits'] else 'DOES NOT FIT'}, {size}")
     return lines

@@ -86,7 +86,7 @@ def step_cost(sampler: Sampler, graphdef, state, vocab: int, *, rows: int, promp
 
 def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, lengths: str, slots: int,
                   compact_every: int, window_tokens: int, temperature: float, repeats: int, seed: int = 0,
-                  vllm_python: str | None = None) -> dict:
+                  top_p: float = 1.0, vllm_python: str | None = None) -> dict:
     if rows % group_size:
         raise ValueError(f"rows ({rows}) must be a multiple of group_size ({group_size})")
     model = init_model(cfg, seed=0)
@@ -95,7 +95,7 @@ def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, len
     ids = jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (P, prompt)), jnp.int32)
     mask = jnp.ones((P, prompt), jnp.int32)
     budget_B = oracle_lengths(lengths, rows, new, seed)
-    sampling = SamplingConfig(max_new_tokens=new, temperature=temperature, window_tokens=window_tokens)
+    sampling = SamplingConfig(max_new_tokens=new, temperature=temperature, top_p=top_p, window_tokens=window_tokens)
     static = Sampler(sampling, pad_id=0)
     engine = Engine(sampling, pad_id=0, slots=slots, compact_every=compact_every)
     key, outputs = jax.random.key(seed), {}
@@ -122,7 +122,7 @@ def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, len
     res = {
         "config": f"{cfg.family} L={cfg.num_layers} D={cfg.hidden_size} V={cfg.vocab_size} {cfg.dtype}",
         "lengths": lengths, "rows": rows, "group_size": group_size, "prompt": prompt, "new_tokens": new,
-        "slots": slots or rows, "compact_every": compact_every, "window_tokens": window_tokens,
+        "top_p": top_p, "slots": slots or rows, "compact_every": compact_every, "window_tokens": window_tokens,
         "mean_length": float(budget_B.mean()), "cut_at_max": float(np.mean(budget_B == new)),
         "useful_tokens": useful,
         "static_s": s_static, "engine_s": s_engine, "speedup": median(
@@ -152,7 +152,7 @@ def bench_rollout(cfg, *, rows: int, group_size: int, prompt: int, new: int, len
                speedup_of_bound=res["speedup"] * engine_bound / static_bound)
     if vllm_python:  # after realjax's rounds: the two never share the cores
         res.update(run_vllm(vllm_python, model, np.asarray(ids), budget_B, group_size=group_size,
-                            temperature=temperature, repeats=repeats, seed=seed))
+                            temperature=temperature, top_p=top_p, repeats=repeats, seed=seed))
         res.update(engine_vs_vllm=res["engine_tok_s"] / res["vllm_tok_s"],
                    static_vs_vllm=res["static_tok_s"] / res["vllm_tok_s"])
     return res

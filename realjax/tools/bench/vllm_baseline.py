@@ -30,7 +30,8 @@ class VllmFailed(RuntimeError):
 
 
 def run_vllm(python: str, model, prompts_PT: np.ndarray, lengths_B: np.ndarray, *, group_size: int,
-             temperature: float, repeats: int, seed: int = 0, timeout_s: float = 3600) -> dict:
+             temperature: float, repeats: int, seed: int = 0, top_p: float = 1.0,
+             timeout_s: float = 3600) -> dict:
     """Sample ``lengths_B[b]`` tokens for each row b = p * group_size + r from prompt p with vLLM (run by
     the interpreter ``python``) on ``model``'s weights. Returns ``vllm_version``, ``vllm_startup_s``,
     ``vllm_s`` (median of the timed calls) and ``vllm_tok_s`` (useful tokens per second)."""
@@ -39,7 +40,8 @@ def run_vllm(python: str, model, prompts_PT: np.ndarray, lengths_B: np.ndarray, 
     with tempfile.TemporaryDirectory(prefix="realjax-vllm-") as d:
         save_pretrained(model, Path(d) / "model")
         request = {"model": str(Path(d) / "model"), "prompts": prompts, "lengths": lengths,
-                   "temperature": float(temperature), "max_model_len": len(prompts[0]) + max(lengths),
+                   "temperature": float(temperature), "top_p": float(top_p),
+                   "max_model_len": len(prompts[0]) + max(lengths),
                    "repeats": int(repeats), "seed": int(seed)}
         (Path(d) / "request.json").write_text(json.dumps(request))
         # vLLM's CPU backend reserves its KV cache up front (default 4 GiB); the bench needs far less.

@@ -7,7 +7,7 @@ the row's oracle length (``min_tokens = max_tokens = L``, EOS ignored, no tokeni
 the result (JSON):
 
   request: {"model": HF dir, "prompts": [[ids] per row], "lengths": [L per row], "temperature": T,
-            "max_model_len": int, "repeats": int, "seed": int}
+            "top_p": p (optional, 1.0), "max_model_len": int, "repeats": int, "seed": int}
   result:  {"vllm_version": str, "startup_s": s, "generate_s": [s per timed call],
             "lengths": [tokens generated per row, last timed call]}
 
@@ -31,8 +31,8 @@ def run(request: dict) -> dict:
               max_model_len=request["max_model_len"])
     startup = time.perf_counter() - t0
     prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
-    params = lambda n: SamplingParams(temperature=request["temperature"], min_tokens=n, max_tokens=n, ignore_eos=True,
-                                      detokenize=False)
+    params = lambda n: SamplingParams(temperature=request["temperature"], top_p=request.get("top_p", 1.0),
+                                      min_tokens=n, max_tokens=n, ignore_eos=True, detokenize=False)
     llm.generate(prompts, [params(min(2, n)) for n in request["lengths"]], use_tqdm=False)
     times, outs = [], []
     for _ in range(max(int(request["repeats"]), 1)):
