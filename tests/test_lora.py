@@ -103,6 +103,10 @@ def test_adapters_equal_merged_weights_and_survive_a_stacked_layer_axis():
     stacked = lora.merge_adapters(stack(frozen), stack(adapters), cfg.lora.scale)
     assert stacked["layers"]["attn"]["q"].get_value().shape == (2, 32, 4, 8)
     chex.assert_trees_all_close(nnx.to_pure_dict(stacked), nnx.to_pure_dict(stack(merged)), atol=1e-6)
+    # A scanned model's adapters carry one layer axis, as its weights do: the same stacked layout.
+    _, scanned = abstract_model(_toy_cfg(lora=LORA, scan_layers=True))
+    want = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(stack(adapters)))
+    assert jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(lora.split_policy(scanned, LORA)[0])) == want
 
 
 def _plan(tmp_path, *extra, lora_on=True):

@@ -66,6 +66,8 @@ class LoraPair(nnx.Module):
     def __init__(self, weight: nnx.Param, spec: str, cfg: LoraConfig, *, make, rngs: nnx.Rngs, param_dtype):
         ins, outs = spec.split("->")
         shape, axes = weight.get_value().shape, weight.get_metadata().get("axes")
+        if axes and axes[0] == "layers":  # a scanned stack's weight: ``make`` adds the layer axis again
+            shape, axes = shape[1:], axes[1:]
         n = len(ins)
         self.ins, self.outs, self.scale, self.dropout = ins, outs, cfg.scale, cfg.dropout
         fan_in = math.prod(shape[:n])
