@@ -15,7 +15,6 @@ A dimension whose size is not divisible by its mesh axes is replicated instead (
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import math
@@ -26,6 +25,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from realjax.scoped import scoped
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -201,14 +202,9 @@ def put_batch(tree, mesh: Mesh, rules: Rules = TRAIN_RULES, *, axis: int = 0):
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("realjax_rules", default=None)
 
 
-@contextlib.contextmanager
 def use_rules(mesh: Mesh | None, rules: Rules = TRAIN_RULES):
     """Within this block (at trace time), model activations are constrained to ``rules`` on ``mesh``."""
-    token = _ACTIVE.set((mesh, rules) if mesh is not None else None)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+    return scoped(_ACTIVE, (mesh, rules) if mesh is not None else None)
 
 
 def constrain(x, axes: tuple[str | None, ...]):

@@ -29,7 +29,6 @@ Axis letters: see ``realjax/__init__``.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -37,9 +36,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as sk,
+)
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import Mesh, PartitionSpec
+
+from realjax.scoped import scoped
 
 BACKENDS = ("xla", "cudnn", "splash")
 CHOICES = ("auto",) + BACKENDS
@@ -88,14 +91,9 @@ class Backend:
 _BACKEND = contextvars.ContextVar("realjax_attention_backend", default=Backend())
 
 
-@contextlib.contextmanager
 def use_backend(backend: Backend):
     """Within this block (at trace time), full-sequence attention runs on ``backend``; decode is always XLA."""
-    token = _BACKEND.set(backend)
-    try:
-        yield
-    finally:
-        _BACKEND.reset(token)
+    return scoped(_BACKEND, backend)
 
 
 def active_backend() -> Backend:

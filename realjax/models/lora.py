@@ -19,7 +19,6 @@ without LoRA; the base alone is the reference policy of a KL term, so no referen
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import itertools
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from realjax.models.config import LoraConfig
+from realjax.scoped import scoped
 
 SUFFIX = "_lora"  # a projection ``q`` is adapted by the LoraPair ``q_lora`` beside it
 
@@ -43,15 +43,10 @@ class LoraParam(nnx.Param):
 _DROPOUT = contextvars.ContextVar("realjax_lora_dropout", default=None)
 
 
-@contextlib.contextmanager
 def dropout_rng(key):
     """Enable adapter dropout for the forward passes traced inside (the learner's); ``key=None`` keeps it
     off. Adapter calls take folds of ``key`` in trace order (layer by layer, projection by projection)."""
-    token = _DROPOUT.set(None if key is None else (key, itertools.count()))
-    try:
-        yield
-    finally:
-        _DROPOUT.reset(token)
+    return scoped(_DROPOUT, None if key is None else (key, itertools.count()))
 
 
 @functools.lru_cache(maxsize=None)

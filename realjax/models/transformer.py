@@ -16,7 +16,6 @@ every projection is an einsum with the weight's shape beside it. Axis letters: s
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import math
@@ -27,10 +26,11 @@ import numpy as np
 from flax import nnx
 from jax.experimental.layout import Layout, with_layout_constraint
 
+from realjax.models import lora
 from realjax.models.attention import attention, full_attention
 from realjax.models.config import ModelConfig
-from realjax.models import lora
 from realjax.models.kv_cache import KVCache, read_layer, write_at, write_layer
+from realjax.scoped import scoped
 from realjax.sharding import constrain, named
 
 _INIT = nnx.initializers.normal(0.02)
@@ -40,27 +40,17 @@ _INIT = nnx.initializers.normal(0.02)
 _PLACEMENT = contextvars.ContextVar("realjax_param_placement", default=None)
 
 
-@contextlib.contextmanager
 def placed_params(mesh, rules):
     """Create each weight of the modules built inside directly in its shards on ``mesh`` (by ``rules``)."""
-    token = _PLACEMENT.set((mesh, rules))
-    try:
-        yield
-    finally:
-        _PLACEMENT.reset(token)
+    return scoped(_PLACEMENT, (mesh, rules))
 
 
 # L while ``_stacked_layers`` is active: each weight created gets a leading [L] axis named "layers".
 _STACK = contextvars.ContextVar("realjax_stacked_layers", default=0)
 
 
-@contextlib.contextmanager
 def _stacked_layers(num_layers: int):
-    token = _STACK.set(num_layers)
-    try:
-        yield
-    finally:
-        _STACK.reset(token)
+    return scoped(_STACK, num_layers)
 
 
 def _stacked(shape, axes):
