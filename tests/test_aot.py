@@ -312,7 +312,7 @@ def test_scanned_layers_keep_the_cache_in_place_and_count_every_layer(tmp_path):
 def test_scanned_decode_keeps_the_cache_in_place_on_a_tensor_parallel_mesh(tmp_path):
     """The scan body's layout pin on the carried cache, on fsdp=2 x tensor=4 (the 7B LoRA config's mesh).
     Pinned on the global array, XLA's partitioner gathered the cache of all 8 chips onto each one around
-    the pin (temp about 8x the cache per chip: 27 GiB for the 7B's decode); pinned per shard, the scanned
+    the pin (temp 16x the cache per chip here, 27 GiB for the 7B's decode); pinned per shard, the scanned
     decode's temp is as small as the unrolled one's."""
     from realjax.rl.setup import DEMO_ASSET
 
