@@ -289,7 +289,8 @@ class Transformer(nnx.Module):
             if kv is not None:
                 # Pin the carried cache to the arguments' row-major layout. Left free, the TPU compiler
                 # gives the loop's cache the layout of the new keys it writes ([L, S, K, B, H] in memory)
-                # and copies the whole cache into it before the decode loop and back after it.
+                # and copies the whole cache into it before the decode loop and back after it. Per shard:
+                # pinned on the global array, the partitioner gathers the whole cache to every chip.
                 kv = tuple(constrain_layout(c, CACHE_AXES, _ROW_MAJOR_5D) for c in kv)
             return (x_BTD, kv, layer + 1), None
 
