@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils, multihost_utils
+from jax.experimental.layout import with_layout_constraint
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from realjax.scoped import scoped
@@ -213,6 +214,23 @@ def constrain(x, axes: tuple[str | None, ...]):
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, named(axes, x.shape, mesh, rules))
+
+
+def constrain_layout(x, axes: tuple[str | None, ...], layout):
+    """``x`` pinned to the memory ``layout`` (``jax.experimental.layout.Layout``) of each device's shard.
+
+    Under ``use_rules`` the constraint runs inside ``shard_map`` on the local shards (laid out by ``axes``):
+    XLA's partitioner does not know the ``LayoutConstraint`` custom call, so on a sharded global array it
+    gathered the operand onto every device first (the scanned decode's KV cache on fsdp=2 x tensor=4: the
+    whole cache of all 8 chips on each, per layer). Layout is per device, so a local constraint is the same
+    constraint."""
+    active = _ACTIVE.get()
+    if active is None:
+        return with_layout_constraint(x, layout)
+    mesh, rules = active
+    spec = logical_to_spec(axes, x.shape, mesh, rules)
+    return jax.shard_map(lambda y: with_layout_constraint(y, layout), mesh=mesh, in_specs=spec, out_specs=spec,
+                         check_vma=False)(x)
 
 
 def to_host(x) -> np.ndarray:

@@ -309,6 +309,37 @@ def test_scanned_layers_keep_the_cache_in_place_and_count_every_layer(tmp_path):
 
 
 @needs_libtpu
+def test_scanned_decode_keeps_the_cache_in_place_on_a_tensor_parallel_mesh(tmp_path):
+    """The scan body's layout pin on the carried cache, on fsdp=2 x tensor=4 (the 7B LoRA config's mesh).
+    Pinned on the global array, XLA's partitioner gathered the cache of all 8 chips onto each one around
+    the pin (temp 16x the cache per chip here, 27 GiB for the 7B's decode); pinned per shard, the scanned
+    decode's temp is as small as the unrolled one's."""
+    from realjax.rl.setup import DEMO_ASSET
+
+    arch = json.loads((DEMO_ASSET / "config.json").read_text())
+    arch.update(num_hidden_layers=3, hidden_size=64, intermediate_size=128, head_dim=128, num_attention_heads=8,
+                num_key_value_heads=4)
+    (tmp_path / "config.json").write_text(json.dumps(arch))
+    shape = ["rollout.max_new_tokens=512", "data.max_prompt_tokens=64", "rollout.prompts_per_step=16",
+             "rollout.prompts_per_call=16", "optim.mini_batches=16", "data.eval=", "mesh.tensor=4"]
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli_main(["compile", "--topology", "v5e-8", "--json", f"model.path={tmp_path}", *shape,
+                       "model.scan_layers=true"])
+    assert rc == 0
+    rep = json.loads(out.getvalue())
+    assert rep["mesh"] == {"data": 1, "fsdp": 2, "tensor": 4}
+    # layers x (k, v) x [B, K, S, H] fp32 per chip: rows over fsdp, kv heads over tensor
+    cache = 3 * 2 * (16 * 8 // 2) * 1 * (64 + 512) * 128 * 4
+    dec = rep["programs"]["decode"]
+    assert dec["argument_bytes"] > cache and dec["temp_bytes"] < 0.1 * cache
+    assert dec["output_bytes"] - dec["alias_bytes"] < 0.01 * cache  # the state comes back in its own buffers
+
+
+@needs_libtpu
 def test_programs_compiled_on_two_threads_give_the_report_of_one(tmp_path):
     """Independent programs compile side by side (``--jobs``): every number of the report, memory and
     FLOPs of each program (the decode windows' merged row, the scanned FLOP counts) is the one-thread

@@ -350,7 +350,7 @@ def test_7b_lora_config_is_the_paper_config_but_for_its_stated_departures():
     full = load_config(configs / "r1_distill_qwen_7b_real.yaml")
     assert lora_cfg.model.lora.model_config() == LoraConfig(rank=32, alpha=64.0, base_dtype="bfloat16")
     departures = {"rollout": {"max_new_tokens", "prompts_per_call"}, "optim": {"lr", "micro_batches"},
-                  "eval": {"max_new_tokens", "prompts_per_call"}, "mesh": {"tensor"}, "model": {"lora", "scan_layers"}}
+                  "eval": {"max_new_tokens", "prompts_per_call"}, "mesh": {"tensor"}, "model": {"lora"}}
     for section, keys in departures.items():
         a, b = getattr(lora_cfg, section), getattr(full, section)
         same = {k: v for k, v in vars(a).items() if k not in keys}

@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental.layout import Layout, with_layout_constraint
+from jax.experimental.layout import Layout
 
 from realjax.models import lora
 from realjax.models.attention import attention, full_attention
 from realjax.models.config import ModelConfig
-from realjax.models.kv_cache import KVCache, read_layer, write_at, write_layer
+from realjax.models.kv_cache import CACHE_AXES, KVCache, read_layer, write_at, write_layer
 from realjax.scoped import scoped
-from realjax.sharding import constrain, named
+from realjax.sharding import constrain, constrain_layout, named
 
 _INIT = nnx.initializers.normal(0.02)
 
@@ -289,8 +289,9 @@ class Transformer(nnx.Module):
             if kv is not None:
                 # Pin the carried cache to the arguments' row-major layout. Left free, the TPU compiler
                 # gives the loop's cache the layout of the new keys it writes ([L, S, K, B, H] in memory)
-                # and copies the whole cache into it before the decode loop and back after it.
-                kv = with_layout_constraint(kv, (_ROW_MAJOR_5D, _ROW_MAJOR_5D))
+                # and copies the whole cache into it before the decode loop and back after it. Per shard:
+                # pinned on the global array, the partitioner gathers the whole cache to every chip.
+                kv = tuple(constrain_layout(c, CACHE_AXES, _ROW_MAJOR_5D) for c in kv)
             return (x_BTD, kv, layer + 1), None
 
         (x_BTD, kv, _), _ = jax.lax.scan(body, (x_BTD, kv, jnp.zeros((), jnp.int32)), state_L,
