@@ -17,8 +17,9 @@ segment. Every other tile is all-masked, so skipping it removes only ``exp(-inf)
 gradients are those of the static kernel. For rows laid end to end (``realjax.rl.packing``) the tiles are
 exactly those that hold a visible pair.
 
-Skipped tiles point ``data_next`` at a block the kernel loads anyway (the next computed one in grid order),
-so a skipped tile costs no memory traffic either.
+Skipped tiles point ``data_next`` at a block the kernel loads anyway (the next computed one in grid order
+within a head), and the pipeline copies a block only when its index changes, so a skipped tile adds no
+copy (the dkv pass at most one per kv block and kv head, where its walk crosses to the next kv head).
 
 Axis letters (``realjax/__init__``): T positions of a sequence; Q query blocks and K key blocks of a tile
 grid here (``[Q, K]`` tables).
