@@ -281,15 +281,19 @@ def test_packed_update_bench(capsys):
 
 def test_the_update_cost_report_counts_what_the_packing_runs():
     """``realjax compile``'s ``update_under_lengths``: the packed FLOPs are those of the sequences the
-    trainer's own packing (groups moved) runs, the parts add up, and the real tokens' FLOPs are the bench's."""
+    trainer's own packing (groups moved) runs, their attention the tiles splash's segment tables compute
+    on them (``realjax.models.splash_blocks``, on device), the parts add up, and the real tokens' FLOPs are
+    the bench's."""
     from realjax.models import ModelConfig
+    from realjax.models import splash_blocks as sb
     from realjax.tools.aot.packed_update import step_lengths, update_under_lengths
     from realjax.tools.bench.packing import real_token_flops
     from realjax.tools.bench.common import matmul_params
 
     cfg = ModelConfig(family="qwen2", vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, intermediate_size=48)
-    rows, prompt, response, updates, micro, budget = 64, 6, 24, 2, 4, 3 * 29
+    # sequences of 1087 tokens: 3 splash tiles of 512, rows crossing their edges
+    rows, prompt, response, updates, micro, budget = 64, 64, 1024, 2, 4, 3 * 1087
     p_len, r_len = step_lengths("r1-distill", rows=rows, prompt=prompt, response=response, seed=3)
     u = update_under_lengths(cfg, "r1-distill", rows=rows, group_size=4, mini_batches=updates, micro_batches=micro,
                              prompt=prompt, response=response, tokens_per_micro_batch=budget, multiple=2, seed=3)
@@ -298,17 +302,28 @@ def test_the_update_cost_report_counts_what_the_packing_runs():
     rm = (np.arange(response)[None] < r_len[:, None]).astype(np.float32)
     b = toy_batch(rows=rows, group_size=4, prompt=prompt, response=response).replace(prompt_mask_BQ=pm, resp_mask_BA=rm)
     per = rows // updates
-    zs = [pack_batch(b.rows_slice(k * per, (k + 1) * per).cut(micro), tokens_per_micro_batch=budget, multiple=2,
-                     group_size=4).packing.src_ZC.shape[1] for k in range(updates)]
+    segs = [pack_batch(b.rows_slice(k * per, (k + 1) * per).cut(micro), tokens_per_micro_batch=budget, multiple=2,
+                       group_size=4).packing.segment_ids_ZC for k in range(updates)]
+    block, Tp = sb.tile(Cs)
+    seg_SC = np.concatenate([s_.reshape(-1, Cs) for s_ in segs])
+    seg_SC = jnp.asarray(np.pad(seg_SC, ((0, 0), (0, Tp - Cs))))  # splash pads to whole tiles, in segment 0
+    (_, fwd_mask), (_, dkv_mask) = jax.vmap(lambda s_: sb.tables(*sb.block_bounds(s_, s_, block), jnp.int32))(seg_SC)
+    assert int((fwd_mask > 0).sum()) == int((dkv_mask > 0).sum()) < len(seg_SC) * 6  # 6: a whole causal triangle
     head = cfg.vocab_size * cfg.hidden_size
     pair = 12 * cfg.num_heads * cfg.head_dim * cfg.num_layers
-    want = sum(micro * z * (6 * matmul_params(cfg) * Cs + pair * Cs * Cs / 2) for z in zs)
-    assert u["sequences"]["run"] == micro * sum(zs)
+    want = len(seg_SC) * 6 * matmul_params(cfg) * Cs + pair * block * block * int((fwd_mask > 0).sum())
+    assert u["sequences"]["run"] == len(seg_SC) == micro * sum(s_.shape[1] for s_ in segs)
     np.testing.assert_allclose(u["packed_flops"], want, rtol=1e-12)
     np.testing.assert_allclose(u["real_flops"], real_token_flops(cfg, p_len, r_len), rtol=1e-12)
     np.testing.assert_allclose(u["real_flops"] + sum(u["parts_flops"].values()), u["packed_flops"], rtol=1e-12)
     assert all(v >= 0 for v in u["parts_flops"].values()) and u["packed_over_real"] > 1
     assert u["sequences"]["fewest"] <= u["sequences"]["ffd"] <= u["sequences"]["own_buckets"] <= u["sequences"]["run"]
+    # XLA's attention: the whole square of every sequence run
+    sq = update_under_lengths(cfg, "r1-distill", rows=rows, group_size=4, mini_batches=updates, micro_batches=micro,
+                              prompt=prompt, response=response, tokens_per_micro_batch=budget, multiple=2, seed=3,
+                              full_square=True)
+    np.testing.assert_allclose(sq["packed_flops"], len(seg_SC) * (6 * matmul_params(cfg) * Cs + pair * Cs * Cs),
+                               rtol=1e-12)
     # ``realjax compile``'s entry: a run config's step (None unpacked), and its line of the table
     from realjax.config import load_config
     from realjax.tools.aot.packed_update import format_update_line, price_config

@@ -20,7 +20,9 @@ Back ends (``model.attention``; ``auto`` picks by the platform of the devices th
   no segment ids, so the segment rule goes in as a dense boolean mask (which JAX's wrapper turns into an
   additive bias) beside ``is_causal``: segment ids are honoured, at the cost of an O(T * S) mask.
 * ``splash``: Pallas splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) with its
-  causal mask and native segment ids; one MQA kernel per kv head (vmapped) so K/V are never repeated;
+  causal mask and native segment ids, and per-sequence block tables built from the segment ids
+  (``realjax.models.splash_blocks``) so a packed sequence computes only the tiles its rows see, not its
+  whole causal triangle; one MQA kernel per kv head (vmapped) so K/V are never repeated;
   inside ``shard_map`` over the batch (and kv heads) when a mesh is given, because a Mosaic kernel is not
   partitioned by GSPMD. Off TPU it runs in Pallas interpret mode (tests).
 
@@ -42,12 +44,12 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import Mesh, PartitionSpec
 
+from realjax.models.splash_blocks import SPLASH_BLOCK, segment_kernel, tile
 from realjax.scoped import scoped
 
 BACKENDS = ("xla", "cudnn", "splash")
 CHOICES = ("auto",) + BACKENDS
 _NEG = float(np.finfo(np.float32).min)  # finite, so a row with no visible key gives a uniform softmax, not NaN
-_SPLASH_BLOCK = 512  # splash's q / kv tile (MaxText's default); shorter sequences use one tile
 
 
 class AttentionError(ValueError):
@@ -168,17 +170,19 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids, *, implementation: str 
 
 
 def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids, backend: Backend | None = None, *,
-                     interpret: bool | None = None):
+                     interpret: bool | None = None, segment_blocks: bool = True, block: int = SPLASH_BLOCK):
     """Pallas splash attention under the segment rule: causal mask and native segment ids.
 
     The sequence is padded to a whole number of tiles (padding in segment 0, so padded queries see only
-    padding); ``interpret`` (default: off TPU) runs the kernel in Pallas interpret mode.
+    padding); ``interpret`` (default: off TPU) runs the kernel in Pallas interpret mode. ``segment_blocks``
+    (default) gives each sequence block tables from its segment ids (``realjax.models.splash_blocks``: the
+    same outputs, fewer tiles); off, the static causal tables of the whole sequence (the tests' baseline).
+    ``block``: the tile (tests use small ones to get many tiles from short sequences).
     """
     backend = backend or Backend(name="splash")
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    block = min(_SPLASH_BLOCK, -(-T // 128) * 128)
-    Tp = -(-T // block) * block
+    block, Tp = tile(T, block)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))
     q_seg_BT, kv_seg_BS = (pad(s.astype(jnp.int32)) for s in segment_ids)
     # [B, K, G, T, H] and [B, K, S, H]: splash's MQA kernel takes one kv head with its G query heads.
@@ -192,7 +196,10 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids, backend: Backend | Non
     def run(q_BKGTH, k_BKSH, v_BKSH, q_seg_BT, kv_seg_BS):
         def one_row(q_KGTH, k_KSH, v_KSH, qs_T, ks_S):
             seg = sk.SegmentIds(q=qs_T, kv=ks_S)
-            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=seg))(q_KGTH, k_KSH, v_KSH)
+            # Per-row tables make the kernel's scalar-prefetch operands batched over rows, which pallas_call
+            # batches as a loop over rows (one kernel per row, each over all its heads).
+            row_kernel = segment_kernel(kernel, qs_T, ks_S, block) if segment_blocks else kernel
+            return jax.vmap(lambda q, k, v: row_kernel(q, k, v, segment_ids=seg))(q_KGTH, k_KSH, v_KSH)
 
         return jax.vmap(one_row)(q_BKGTH, k_BKSH, v_BKSH, q_seg_BT, kv_seg_BS)
 

@@ -14,29 +14,35 @@ on each scored token, causal attention within each row (``n^2 / 2`` pairs). The 
 cause at a time (each line of ``parts`` is what that cause adds, in FLOPs per RL step):
 
 1. ``lm_head_on_every_slot``: the LM head scores every packed slot, prompt tokens included;
-2. ``attention_whole_sequences``: attention runs over whole packed sequences, causal over all ``C`` tokens
-   (splash skips the blocks above the diagonal; segment ids mask inside the blocks it computes, so two rows
-   in one sequence cost ``C^2 / 2``, not the sum of their squares); XLA's attention (``model.attention=xla``)
-   computes the full ``C^2``. Priced here on the sequences first-fit decreasing opens;
-3. ``ffd_fill``: those sequences' empty slots (every weight runs on them);
+2. ``attention_block_rounding``: splash computes whole tiles (``block x block`` pairs,
+   ``realjax.models.splash_blocks``): per packed sequence, the tiles its rows need (the diagonal tiles
+   whole, and every tile between a row's first and its last), priced on the sequences first-fit
+   decreasing opens, rows in the order ``pack`` lays them out. XLA's attention (``model.attention=xla``)
+   computes the whole ``[C, C]`` square of every sequence instead;
+3. ``ffd_fill``: those sequences' empty slots (every weight runs on them) and the tiles of their tail
+   padding (one segment: a padding query sees the padding before it);
 4. ``bucket_rounding``: each micro-batch's count rounded up to its bucket (multiples of the data-parallel
-   devices, then up a quarter at a time), with its attention;
+   devices, then up a quarter at a time), with the attention of those all-padding sequences (their whole
+   causal triangle of tiles);
 5. ``largest_over_micro_batches``: every micro-batch of an update runs the largest of its micro-batches'
-   buckets (one stacked program), with its attention.
+   buckets (one stacked program), with their attention.
 
-``bound_attention_whole_sequences``: what parts 1-2 alone cost when every micro-batch packs into the fewest
-sequences its tokens could fill (``ceil(tokens / C)``): the floor of whole-sequence attention at this ``C``.
+``bound_fewest_sequences_over_real``: what parts 1-2 cost plus the weights on the empty slots of the fewest
+sequences every micro-batch's tokens could fill (``ceil(tokens / C)``, no buckets, their padding's
+attention left out): the floor of this design at this ``C`` and tile, short of scoring only the response
+slots or a packing finer than whole sequences.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from realjax.rl.packing import plan_sequences
+from realjax.models.splash_blocks import packed_blocks, tile
+from realjax.rl.packing import first_fit_decreasing, plan_sequences
 from realjax.tools.bench.common import matmul_params
 from realjax.tools.bench.rollout import oracle_lengths
 
-PARTS = ("lm_head_on_every_slot", "attention_whole_sequences", "ffd_fill", "bucket_rounding",
+PARTS = ("lm_head_on_every_slot", "attention_block_rounding", "ffd_fill", "bucket_rounding",
          "largest_over_micro_batches")
 
 
@@ -54,8 +60,8 @@ def update_under_lengths(model_cfg, name: str, *, rows: int, group_size: int, mi
                          lengths: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """FLOPs per RL step of the updates over ``rows`` rows (one pass each), packed as the trainer packs them,
     against the real tokens' (module docstring). ``full_square``: attention computes the whole [C, C]
-    square (XLA) rather than its causal half (splash). ``lengths``: (prompt, response) per row instead of
-    the named distribution's draw. Returns plain numbers (JSON)."""
+    square of each sequence (XLA) rather than the tiles its rows need (splash). ``lengths``: (prompt,
+    response) per row instead of the named distribution's draw. Returns plain numbers (JSON)."""
     if tokens_per_micro_batch <= 0:
         raise ValueError("the update is priced packed: tokens_per_micro_batch must be > 0")
     p_len, r_len = lengths if lengths is not None else step_lengths(name, rows=rows, prompt=prompt,
@@ -65,63 +71,75 @@ def update_under_lengths(model_cfg, name: str, *, rows: int, group_size: int, mi
     head = model_cfg.vocab_size * model_cfg.hidden_size
     w_token, h_token = 6.0 * (matmul_params(model_cfg) - head), 6.0 * head
     pair = 12.0 * model_cfg.num_heads * model_cfg.head_dim * model_cfg.num_layers
-    per_seq = pair * C * C * (1.0 if full_square else 0.5)
+    block, Cp = tile(C)
+    tiles = Cp // block
+    # pairs attention computes: per all-padding sequence, and (below) per sequence first-fit decreasing fills
+    empty_pairs = float(C * C if full_square else block * block * tiles * (tiles + 1) // 2)
 
     updates, M = mini_batches, micro_batches
     B = rows // (updates * M)
     n_UMB = n.reshape(updates, M, B)
     ffd = bucket_own = shared = fewest = 0
     moved = 0
+    row_pairs = filled_pairs = 0.0  # over the sequences first-fit decreasing opens: the rows' tiles, all tiles
     for u in range(updates):
         plan = plan_sequences(n_UMB[u], C, tokens_per_micro_batch=tokens_per_micro_batch, multiple=multiple,
                               group_size=group_size if move_groups else 0)
         own = plan_sequences(n_UMB[u], C, tokens_per_micro_batch=tokens_per_micro_batch, multiple=multiple)
         ffd += int(plan.needed.sum())
+        rows_MB = n_UMB[u].reshape(-1)[plan.order].reshape(M, B)
+        for m in range(M):  # each sequence as ``pack`` lays it out: its rows in first-fit order, then padding
+            for members in first_fit_decreasing(rows_MB[m], C):
+                need, run = (C * C, C * C) if full_square else packed_blocks(rows_MB[m][members], C)
+                row_pairs += need * (1 if full_square else block * block)
+                filled_pairs += run * (1 if full_square else block * block)
         # each micro-batch's own bucket (what it would run alone), on the plan's micro-batches
-        buckets = [plan_sequences(n_UMB[u].reshape(-1)[plan.order].reshape(M, B)[m:m + 1], C,
-                                  tokens_per_micro_batch=tokens_per_micro_batch, multiple=multiple).sequences
-                   for m in range(M)]
+        buckets = [plan_sequences(rows_MB[m:m + 1], C, tokens_per_micro_batch=tokens_per_micro_batch,
+                                  multiple=multiple).sequences for m in range(M)]
         bucket_own += int(sum(buckets))
         shared += M * plan.sequences
-        fewest += int(np.ceil(n_UMB[u].reshape(-1)[plan.order].reshape(M, B).sum(1) / C).sum())
+        fewest += int(np.ceil(rows_MB.sum(1) / C).sum())
         moved += int(plan.sequences < own.sequences)
 
     real_attention = pair * float((n.astype(float) ** 2).sum()) / 2
     real = w_token * n.sum() + h_token * r_len.sum() + real_attention
     tokens = float(n.sum())
-    stages = {  # (slots the weights run on, sequences attention runs over)
+    stages = {  # (slots the weights run on, pairs attention computes)
         "lm_head_on_every_slot": (tokens, None),
-        "attention_whole_sequences": (tokens, ffd),
-        "ffd_fill": (ffd * C, ffd),
-        "bucket_rounding": (bucket_own * C, bucket_own),
-        "largest_over_micro_batches": (shared * C, shared),
+        "attention_block_rounding": (tokens, row_pairs),
+        "ffd_fill": (ffd * C, filled_pairs),
+        "bucket_rounding": (bucket_own * C, filled_pairs + (bucket_own - ffd) * empty_pairs),
+        "largest_over_micro_batches": (shared * C, filled_pairs + (shared - ffd) * empty_pairs),
     }
     parts, last = {}, real
-    for key, (slots, seqs) in stages.items():
-        total = (w_token + h_token) * slots + (real_attention if seqs is None else per_seq * seqs)
+    for key, (slots, pairs) in stages.items():
+        total = (w_token + h_token) * slots + (real_attention if pairs is None else pair * pairs)
         parts[key] = total - last
         last = total
     padded_attention = pair * rows * C * C * (1.0 if full_square else 0.5)
     padded = w_token * rows * C + h_token * rows * response + padded_attention
-    bound = (w_token + h_token) * tokens + per_seq * fewest
+    bound = (w_token + h_token) * fewest * C + pair * row_pairs
     return {"lengths": name, "rows": rows, "micro_batches_per_step": updates * M, "rows_per_micro_batch": B,
             "seq_len": C, "mean_prompt": float(p_len.mean()), "mean_response": float(r_len.mean()),
-            "real_tokens": int(tokens), "attention": "full square" if full_square else "causal over whole sequences",
+            "real_tokens": int(tokens),
+            "attention": "full square" if full_square else f"splash tiles of {block} from the segments",
             "linear_flops_per_token": w_token + h_token, "attention_flops_per_pair": pair,
             "real_flops": real, "real_attention_share": real_attention / real,
+            "attention_pairs": {"real": real_attention / pair, "rows_tiles": row_pairs, "ffd_tiles": filled_pairs,
+                                "per_empty_sequence": empty_pairs},
             "packed_flops": last, "packed_over_real": last / real, "padded_over_real": padded / real,
             "parts_flops": parts, "parts_over_real": {k: v / real for k, v in parts.items()},
             "sequences": {"ffd": ffd, "own_buckets": bucket_own, "run": shared, "fewest": fewest},
             "updates_with_groups_moved": moved, "updates": updates,
-            "bound_attention_whole_sequences_over_real": bound / real}
+            "bound_fewest_sequences_over_real": bound / real}
 
 
 def format_update_line(u: dict) -> str:
     """One line of ``realjax compile``'s table."""
     parts = ", ".join(f"{k.replace('_', ' ')} +{v:.3f}" for k, v in u["parts_over_real"].items())
     return (f"updates under {u['lengths']} lengths, packed: {u['packed_over_real']:.2f} x the real tokens' FLOPs "
-            f"(padded {u['padded_over_real']:.2f} x; {parts}); whole-sequence attention alone at the fewest "
-            f"sequences: {u['bound_attention_whole_sequences_over_real']:.2f} x")
+            f"(padded {u['padded_over_real']:.2f} x; {parts}); at the fewest sequences, no buckets: "
+            f"{u['bound_fewest_sequences_over_real']:.2f} x")
 
 
 def price_config(cfg, model_cfg, name: str, *, prompt: int, multiple: int, attention: str) -> dict | None:
