@@ -25,7 +25,8 @@ compaction and insert of the continuous-batching engine's schedule are compiled 
 they compile beside the model's programs.
 
 With ``data.eval`` set, the evaluation sampler's two programs (``eval.n`` samples per prompt,
-``eval.prompts_per_call`` prompts) are compiled too: they must fit, but are not part of the step time.
+``eval.prompts_per_call`` prompts) are compiled too: they must fit, but are not part of the step time,
+so of its decode windows only the widest (its largest temporaries) is compiled.
 
 Time is bounded below per program by ``flops / peak FLOP/s`` (compute) and by reading every argument
 once at HBM bandwidth (weights and KV cache: what bounds decoding). XLA counts a ``while_loop`` body
@@ -202,7 +203,7 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
         samplers = [_sampler_programs(jobs, "", plan.sampling, st, mesh, per_call, tp, R, calls, resident, log)]
         if cfg.data.eval:
             samplers.append(_sampler_programs(jobs, "eval_", plan.eval_sampling, st, mesh, plan.eval_prompts_per_call,
-                                              tp, e.n, 0, resident, log))
+                                              tp, e.n, 0, resident, log, every_window=False))
 
         # -- learner: old / reference log-probs over the whole batch ---------------------------------
         rows, score = plan.rows_per_step, []
@@ -282,9 +283,15 @@ def _engine_report(rep: dict, moves: list[Program], decode: Program, resident: i
 
 
 def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, prompts: int, tp: int, group: int,
-                      calls: int, resident: int, log):
+                      calls: int, resident: int, log, *, every_window: bool = True):
     """Submit the sampler's prefill for one call of ``prompts`` x ``group`` rows (``calls`` per step), whose
-    job submits the decode windows; returns a function that gives [prefill, decode] once the jobs ran."""
+    job submits the decode windows; returns a function that gives [prefill, decode] once the jobs ran.
+
+    ``every_window=False`` (the evaluation sampler: it must fit, but is not priced) compiles only the widest
+    window, the whole cache. The windows are one program but for the span attention reads, and their
+    arguments and outputs are the same buffers, so the widest has the largest temporaries: each report
+    shows it for the training decode, whose windows are all compiled (``window_peak_bytes``). Its FLOPs
+    are the widest window's, not the mean over the windows."""
     st, N = st.rollout(), sampling.max_new_tokens
     sampler = Sampler(sampling, pad_id=sampling.stop_ids[0], mesh=mesh, rules=shd.ROLLOUT_RULES)
     ids = jax.ShapeDtypeStruct((prompts, tp), jnp.int32,
@@ -301,8 +308,11 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
             return
         # The decode state is what prefill returns (shapes and shardings; XLA's layouts left to it).
         state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info)
-        cache.update(bytes=_bytes_per_chip((state.cache.k, state.cache.v)), slots=state.cache.length)
         windows, start = sampler.windows(state), tp
+        cache.update(bytes=_bytes_per_chip((state.cache.k, state.cache.v)), slots=state.cache.length,
+                     windows=len(windows))
+        if not every_window:  # one part for every step: the widest window's program
+            windows = windows[-1:]
         lower = lambda s, w: sampler.decode_program.lower(s.graphdef, s.rollout_params, sampler.with_window(state, w))
         t0 = time.perf_counter()
         unrolled = window_unrolled_flops(lower, st, windows) if st.count_graphdef is not None else lambda w: None
@@ -321,8 +331,9 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
             decode = Program(prefix + "decode", calls * N, f"{prompts * group} rows x 1 tok, cache {tp + N}", resident)
             decode.error = "not compiled: its prefill does not fit"
             return [prefill, decode]
+        n = cache["windows"]
         decode = merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {cache['slots']}"
-                       + (f", {len(parts)} windows" if len(parts) > 1 else ""), parts)
+                       + ("" if n == 1 else f", {n} windows" if len(parts) == n else f", widest of {n} windows"), parts)
         decode.runs *= calls  # the parts counted one call's steps
         decode.parts, decode.cache_bytes = parts, cache["bytes"]
         return [prefill, decode]
@@ -348,7 +359,8 @@ def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Prog
                        "xla_bytes_accessed_per_chip": p.bytes_accessed, "read_bytes_per_chip": p.read_bytes,
                        "time_flops_s": t_flops,
                        "time_hbm_s": t_hbm, "compile_s": round(p.compile_s, 2), "lower_s": round(p.lower_s, 2),
-                       "count_s": round(p.count_s, 2), "error": p.error}
+                       "count_s": round(p.count_s, 2), "error": p.error,
+                       **({"window_peak_bytes": [q.peak for q in p.parts]} if len(p.parts) > 1 else {})}
     return {
         "topology": topo.name, "jax_topology": topo.jax_name, "chip": chip.name, "chips": topo.chips,
         "hbm_bytes_per_chip": chip.hbm_bytes, "peak_flops_per_chip": chip.peak_flops,
