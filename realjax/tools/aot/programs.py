@@ -30,7 +30,6 @@ class Program:
     flops: float = 0.0  # per chip, one run
     bytes_accessed: float = 0.0  # per chip, one run
     compile_s: float = 0.0  # XLA's compile (wall seconds on this host)
-    compile_cpu_s: float = 0.0  # the same, CPU seconds of the compiling thread (XLA compiles on the caller's)
     lower_s: float = 0.0  # tracing and lowering to StableHLO
     count_s: float = 0.0  # scanned layers: the FLOP counts of the uncompiled HLO (``hlo_flops``)
     error: str = ""  # RESOURCE_EXHAUSTED text when XLA cannot fit it
@@ -69,7 +68,7 @@ def compile_program(program: Program, lower, log, st, unrolled: float | None = N
     program.lower_s, t0 = time.perf_counter() - t0, time.perf_counter()
     scanned = hlo_flops(lowered) if st.count_graphdef is not None else 0.0  # the very program it compiles
     program.count_s += time.perf_counter() - t0
-    t0, c0 = time.perf_counter(), time.thread_time()
+    t0 = time.perf_counter()
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -78,12 +77,12 @@ def compile_program(program: Program, lower, log, st, unrolled: float | None = N
         program.error = str(e).strip().splitlines()[0][:400]
         sizes = [float(v) * 1024 ** " KMGT".index(u) for v, u in _SIZE.findall(program.error)]
         program.memory = {"peak": int(sizes[0]) if sizes else 0}  # "required (X) exceeds available (Y)"
-        program.compile_s, program.compile_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+        program.compile_s = time.perf_counter() - t0
         log(f"{program.name} ({program.shape}) does not fit: {program.compile_s:.0f} s of compile")
         return None
-    program.compile_s, program.compile_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+    program.compile_s = time.perf_counter() - t0
     # The end of each compile too: with several threads, the log then shows which program held the run up.
-    log(f"compiled {program.name} ({program.shape}) in {program.compile_s:.0f} s (cpu {program.compile_cpu_s:.0f} s)")
+    log(f"compiled {program.name} ({program.shape}) in {program.compile_s:.0f} s")
     mem = compiled.memory_analysis()
     stats = {k: int(getattr(mem, k + "_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp",
                                                                      "generated_code")}
@@ -130,8 +129,7 @@ def merge(name: str, shape: str, parts: list[Program]) -> Program:
     worst = max(parts, key=lambda p: (bool(p.error), p.peak))
     return Program(name, runs, shape, worst.resident_bytes, memory=dict(worst.memory),
                    flops=mean(lambda p: p.flops), bytes_accessed=mean(lambda p: p.bytes_accessed),
-                   compile_s=sum(p.compile_s for p in parts), compile_cpu_s=sum(p.compile_cpu_s for p in parts),
-                   lower_s=sum(p.lower_s for p in parts),
+                   compile_s=sum(p.compile_s for p in parts), lower_s=sum(p.lower_s for p in parts),
                    count_s=sum(p.count_s for p in parts), error=worst.error,
                    unread_bytes=mean(lambda p: p.unread_bytes))
 
