@@ -359,6 +359,10 @@ def test_programs_compiled_on_two_threads_give_the_report_of_one(tmp_path):
 
     two, one = (numbers(_compile_json(tmp_path, *shape, f"--jobs={n}")) for n in (2, 1))
     assert two["programs"]["decode"]["shape"].endswith(", 3 windows")
+    assert len(two["programs"]["decode"]["window_peak_bytes"]) == 3
+    # The evaluation decode (not priced) compiles its widest window only.
+    assert two["programs"]["eval_decode"]["shape"].endswith(", widest of 3 windows")
+    assert "window_peak_bytes" not in two["programs"]["eval_decode"]
     assert set(two["programs"]) == {"prefill", "decode", "eval_prefill", "eval_decode", "update"}
     assert two == one
 

@@ -21,10 +21,12 @@ for.
 
 Beside the rollout's price under a length distribution (``realjax.tools.aot.lengths``), the largest
 compaction and insert of the continuous-batching engine's schedule are compiled (``engine_programs``;
-``realjax.tools.aot.engine_moves``): they must fit too.
+``realjax.tools.aot.engine_moves``): they must fit too. The schedule depends on the config alone, so
+they compile beside the model's programs.
 
 With ``data.eval`` set, the evaluation sampler's two programs (``eval.n`` samples per prompt,
-``eval.prompts_per_call`` prompts) are compiled too: they must fit, but are not part of the step time.
+``eval.prompts_per_call`` prompts) are compiled too: they must fit, but are not part of the step time,
+so of its decode windows only the widest (its largest temporaries) is compiled.
 
 Time is bounded below per program by ``flops / peak FLOP/s`` (compute) and by reading every argument
 once at HBM bandwidth (weights and KV cache: what bounds decoding). XLA counts a ``while_loop`` body
@@ -66,7 +68,7 @@ from realjax.rl.plan import make_plan
 from realjax.rl.setup import DEMO_ASSET
 from realjax.sampling import Sampler
 from realjax.tools.aot.engine_moves import engine_move_lowerings
-from realjax.tools.aot.lengths import rollout_under_lengths
+from realjax.tools.aot.lengths import call_schedules, largest_moves, rollout_under_lengths
 from realjax.tools.aot.packed_update import price_config
 from realjax.tools.aot.programs import Jobs, Program, compile_program, merge, window_unrolled_flops
 from realjax.tools.aot.topology import Topology, parse_topology, topology_devices
@@ -197,11 +199,11 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
         # The training weights (when the rollout copy is separate), Adam moments and GRPO's reference stay.
         resident = (b["params"] + b["frozen"] if b["rollout_params"] else 0) + b["opt_state"] + b["ref_params"]
         per_call = r.prompts_per_call or r.prompts_per_step
-        samplers = [_sampler_programs(jobs, "", plan.sampling, st, mesh, per_call, tp, R,
-                                      r.prompts_per_step // per_call, resident, log)]
+        calls, multiple = r.prompts_per_step // per_call, shd.batch_rows_multiple(mesh, shd.ROLLOUT_RULES)
+        samplers = [_sampler_programs(jobs, "", plan.sampling, st, mesh, per_call, tp, R, calls, resident, log)]
         if cfg.data.eval:
             samplers.append(_sampler_programs(jobs, "eval_", plan.eval_sampling, st, mesh, plan.eval_prompts_per_call,
-                                              tp, e.n, 0, resident, log))
+                                              tp, e.n, 0, resident, log, every_window=False))
 
         # -- learner: old / reference log-probs over the whole batch ---------------------------------
         rows, score = plan.rows_per_step, []
@@ -213,14 +215,16 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
                                       packed_sequences=plan.packed_sequences(rows // chunks, tp + N - 1))
             jobs.submit(compile_program, score[0],
                         lambda s: s.plan.scoring_fn(s.graphdef).lower(s.state.params, sbatch, s.state.frozen), log, st)
+        moves = _submit_engine_moves(jobs, cfg, st, mcfg, mesh, log, lengths=lengths, rows=per_call * R, calls=calls,
+                                     prompts=per_call, prompt=tp, multiple=multiple)
         jobs.wait()
     programs = [p for finish in samplers for p in finish()] + score + [update]
     rep = _summarise(cfg, topo, mesh, mcfg, source, programs, b)
     if programs[1].parts and not programs[1].error:  # the training decode compiled
-        calls, rows = r.prompts_per_step // per_call, per_call * R
+        rows = per_call * R
         price = functools.partial(
             rollout_under_lengths, lengths, prefill=programs[0], decode=programs[1], chip=topo.chip, prompt=tp,
-            new=N, multiple=shd.batch_rows_multiple(mesh, shd.ROLLOUT_RULES), compact_every=r.compact_every,
+            new=N, multiple=multiple, compact_every=r.compact_every,
             window_tokens=plan.sampling.window_tokens, compiled_rows=rows)
         # As configured; and the step's rows in one call through the same slots (refill across the calls:
         # the longest rows' tail is paid once, not once per call).
@@ -232,30 +236,45 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
             under["step_time_roofline_s"] = (rep["step_time_roofline_s"] - rep["phase_time_roofline_s"]["rollout"]
                                              + under["rollout_roofline_s"])
             rep[key] = under
-        _engine_moves(rep, cfg, st, mcfg, mesh, programs[1], resident, log, prompts=per_call, prompt=tp)
+        _engine_report(rep, moves, programs[1], resident)
     rep["update_under_lengths"] = price_config(cfg, mcfg, lengths, prompt=tp, attention=plan.attention.name,
                                                multiple=shd.batch_rows_multiple(mesh, shd.TRAIN_RULES))
     return rep
 
 
-def _engine_moves(rep: dict, cfg, st: _State, mcfg, mesh, decode: Program, resident: int, log, *, prompts: int,
-                  prompt: int) -> None:
-    """Compile the largest compaction and insert the engine runs in the priced schedule (they must fit too:
-    ``realjax.tools.aot.engine_moves``); beside them live the rollout weights and, for a compaction, the
-    prompts' cache."""
-    r, under = cfg.rollout, rep["rollout_under_lengths"]
-    weights = decode.parts[-1].memory["argument"] - decode.cache_bytes
-    rep["engine_programs"] = {}
+def _submit_engine_moves(jobs: Jobs, cfg, st: _State, mcfg, mesh, log, *, lengths: str, rows: int, calls: int,
+                         prompts: int, prompt: int, multiple: int) -> list[Program]:
+    """Submit the compiles of the largest compaction and insert the engine runs in the priced schedule (they
+    must fit too: ``realjax.tools.aot.engine_moves``). The schedule depends on the config alone, so they
+    compile beside the model's programs rather than after them; what lives beside them is known once the
+    decode has compiled (``_engine_report``)."""
+    r = cfg.rollout
+    _, plans = call_schedules(lengths, rows=rows, calls=calls, prompt=prompt, new=r.max_new_tokens, slots=r.slots,
+                              multiple=multiple, compact_every=r.compact_every,
+                              window_tokens=st.plan.sampling.window_tokens)
+    compaction, insert = largest_moves(plans)
+    moves = []
     for name, shape, lower in engine_move_lowerings(
             st.plan.sampling, mcfg, mesh, prompts=prompts, group=r.group_size, prompt=prompt, slots=r.slots,
-            compact_every=r.compact_every,
-            compaction=tuple(under["largest_compaction"]), insert=tuple(under["largest_insert"])):
-        compact = name == "engine_compact"
-        p = Program(name, under["compactions" if compact else "inserts"], shape,
-                    resident + weights + (under["engine_prompts_cache_bytes_per_chip"] if compact else 0))
+            compact_every=r.compact_every, compaction=compaction, insert=insert):
+        runs = sum(len(plan.compactions if name == "engine_compact" else plan.inserts) for plan in plans)
+        moves.append(Program(name, runs, shape, 0))
         # no model in these programs: nothing to count, and their lowering ignores the graphdef
-        compile_program(p, lambda s, lower=lower: lower(s.graphdef), log, dataclasses.replace(st, count_graphdef=None))
-        rep["engine_programs"][name] = {
+        jobs.submit(compile_program, moves[-1], lambda s, lower=lower: lower(s.graphdef), log,
+                    dataclasses.replace(st, count_graphdef=None))
+    return moves
+
+
+def _engine_report(rep: dict, moves: list[Program], decode: Program, resident: int) -> None:
+    """The engine's compiled moves in the report: beside them live the rollout weights and, for a
+    compaction, the prompts' cache."""
+    under = rep["rollout_under_lengths"]
+    weights = decode.parts[-1].memory["argument"] - decode.cache_bytes
+    rep["engine_programs"] = {}
+    for p in moves:
+        compact = p.name == "engine_compact"
+        p.resident_bytes = resident + weights + (under["engine_prompts_cache_bytes_per_chip"] if compact else 0)
+        rep["engine_programs"][p.name] = {
             "runs_per_step": p.runs, "shape": p.shape, **{f"{k}_bytes": v for k, v in p.memory.items()},
             "resident_bytes": p.resident_bytes, "total_bytes": p.total, "xla_bytes_accessed_per_chip": p.bytes_accessed,
             "fits": not p.error and p.total <= rep["hbm_bytes_per_chip"], "compile_s": round(p.compile_s, 2),
@@ -264,9 +283,15 @@ def _engine_moves(rep: dict, cfg, st: _State, mcfg, mesh, decode: Program, resid
 
 
 def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, prompts: int, tp: int, group: int,
-                      calls: int, resident: int, log):
+                      calls: int, resident: int, log, *, every_window: bool = True):
     """Submit the sampler's prefill for one call of ``prompts`` x ``group`` rows (``calls`` per step), whose
-    job submits the decode windows; returns a function that gives [prefill, decode] once the jobs ran."""
+    job submits the decode windows; returns a function that gives [prefill, decode] once the jobs ran.
+
+    ``every_window=False`` (the evaluation sampler: it must fit, but is not priced) compiles only the widest
+    window, the whole cache. The windows are one program but for the span attention reads, and their
+    arguments and outputs are the same buffers, so the widest has the largest temporaries: each report
+    shows it for the training decode, whose windows are all compiled (``window_peak_bytes``). Its FLOPs
+    are the widest window's, not the mean over the windows."""
     st, N = st.rollout(), sampling.max_new_tokens
     sampler = Sampler(sampling, pad_id=sampling.stop_ids[0], mesh=mesh, rules=shd.ROLLOUT_RULES)
     ids = jax.ShapeDtypeStruct((prompts, tp), jnp.int32,
@@ -283,8 +308,11 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
             return
         # The decode state is what prefill returns (shapes and shardings; XLA's layouts left to it).
         state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info)
-        cache.update(bytes=_bytes_per_chip((state.cache.k, state.cache.v)), slots=state.cache.length)
         windows, start = sampler.windows(state), tp
+        cache.update(bytes=_bytes_per_chip((state.cache.k, state.cache.v)), slots=state.cache.length,
+                     windows=len(windows))
+        if not every_window:  # one part for every step: the widest window's program
+            windows = windows[-1:]
         lower = lambda s, w: sampler.decode_program.lower(s.graphdef, s.rollout_params, sampler.with_window(state, w))
         t0 = time.perf_counter()
         unrolled = window_unrolled_flops(lower, st, windows) if st.count_graphdef is not None else lambda w: None
@@ -303,8 +331,9 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
             decode = Program(prefix + "decode", calls * N, f"{prompts * group} rows x 1 tok, cache {tp + N}", resident)
             decode.error = "not compiled: its prefill does not fit"
             return [prefill, decode]
+        n = cache["windows"]
         decode = merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {cache['slots']}"
-                       + (f", {len(parts)} windows" if len(parts) > 1 else ""), parts)
+                       + ("" if n == 1 else f", {n} windows" if len(parts) == n else f", widest of {n} windows"), parts)
         decode.runs *= calls  # the parts counted one call's steps
         decode.parts, decode.cache_bytes = parts, cache["bytes"]
         return [prefill, decode]
@@ -330,7 +359,8 @@ def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Prog
                        "xla_bytes_accessed_per_chip": p.bytes_accessed, "read_bytes_per_chip": p.read_bytes,
                        "time_flops_s": t_flops,
                        "time_hbm_s": t_hbm, "compile_s": round(p.compile_s, 2), "lower_s": round(p.lower_s, 2),
-                       "count_s": round(p.count_s, 2), "error": p.error}
+                       "count_s": round(p.count_s, 2), "error": p.error,
+                       **({"window_peak_bytes": [q.peak for q in p.parts]} if len(p.parts) > 1 else {})}
     return {
         "topology": topo.name, "jax_topology": topo.jax_name, "chip": chip.name, "chips": topo.chips,
         "hbm_bytes_per_chip": chip.hbm_bytes, "peak_flops_per_chip": chip.peak_flops,

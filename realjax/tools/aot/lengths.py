@@ -38,6 +38,27 @@ from realjax.sampling.schedule import schedule
 from realjax.tools.bench.rollout import oracle_lengths
 
 
+def call_schedules(name: str, *, rows: int, calls: int, prompt: int, new: int, slots: int, multiple: int,
+                   compact_every: int, window_tokens: int, seed: int = 0):
+    """``(lengths, schedules)``: the step's ``rows * calls`` lengths drawn from the named distribution and the
+    engine's schedule of each call. They depend on the config alone, not on a compiled program, so
+    ``realjax compile`` knows the largest cache moves (``largest_moves``) before anything has compiled."""
+    lengths = oracle_lengths(name, rows * calls, new, seed)
+    return lengths, [schedule(lengths[call * rows:(call + 1) * rows], prompt=prompt, new=new, slots=slots,
+                              multiple=multiple, compact_every=compact_every, window_tokens=window_tokens)
+                     for call in range(calls)]
+
+
+def largest_moves(plans) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The compaction (from bucket, to bucket) and the insert (bucket, rows) of ``plans`` that need the most
+    memory; (0, 0) where there is none."""
+    compaction, insert = (0, 0), (0, 0)
+    for plan in plans:
+        compaction = max([compaction, *plan.compactions], key=lambda m: (m[1], m[0]))
+        insert = max([insert, *plan.inserts])
+    return compaction, insert
+
+
 def rollout_under_lengths(name: str, *, prefill, decode, chip, rows: int, calls: int, prompts: int, prompt: int,
                           new: int, slots: int, multiple: int, compact_every: int, window_tokens: int,
                           compiled_rows: int = 0, seed: int = 0) -> dict:
@@ -56,13 +77,12 @@ def rollout_under_lengths(name: str, *, prefill, decode, chip, rows: int, calls:
         read = weights + decode.cache_bytes * share * window / S
         return max(part.flops * share / chip.peak_flops, read / chip.hbm_bandwidth)
 
-    lengths = oracle_lengths(name, rows * calls, new, seed)
+    lengths, plans = call_schedules(name, rows=rows, calls=calls, prompt=prompt, new=new, slots=slots,
+                                    multiple=multiple, compact_every=compact_every, window_tokens=window_tokens,
+                                    seed=seed)
     decode_s, row_steps, programs = 0.0, 0, set()
     compactions, compact_bytes, inserts, inserted, insert_bytes = 0, 0.0, 0, 0, 0.0
-    largest_compaction, largest_insert = (0, 0), (0, 0)  # the moves that need the most memory
-    for call in range(calls):
-        plan = schedule(lengths[call * rows:(call + 1) * rows], prompt=prompt, new=new, slots=slots,
-                        multiple=multiple, compact_every=compact_every, window_tokens=window_tokens)
+    for plan in plans:
         decode_s += sum(steps * step_s(b, w) for b, w, steps in plan.chunks)
         row_steps += rows + sum(b * steps for b, _, steps in plan.chunks)  # + each row's first token, at insert
         programs.update((b, w) for b, w, _ in plan.chunks)
@@ -72,8 +92,7 @@ def rollout_under_lengths(name: str, *, prefill, decode, chip, rows: int, calls:
         inserted += sum(n for _, n in plan.inserts)
         # Read a prompt cache per entry of the padded slot list, write the entering rows' prompt slots.
         insert_bytes += sum((bucket + n) * row_bytes * prompt / S for bucket, n in plan.inserts)
-        largest_compaction = max([largest_compaction, *plan.compactions], key=lambda m: (m[1], m[0]))
-        largest_insert = max([largest_insert, *plan.inserts])
+    largest_compaction, largest_insert = largest_moves(plans)  # the moves that need the most memory
     prefill_s = prefill.runs * max(prefill.flops / chip.peak_flops, prefill.read_bytes / chip.hbm_bandwidth)
     compact_s, insert_s = compact_bytes / chip.hbm_bandwidth, insert_bytes / chip.hbm_bandwidth
     prompts_cache = decode.cache_bytes * prompts * prompt / (compiled_rows * S)

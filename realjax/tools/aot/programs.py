@@ -78,8 +78,11 @@ def compile_program(program: Program, lower, log, st, unrolled: float | None = N
         sizes = [float(v) * 1024 ** " KMGT".index(u) for v, u in _SIZE.findall(program.error)]
         program.memory = {"peak": int(sizes[0]) if sizes else 0}  # "required (X) exceeds available (Y)"
         program.compile_s = time.perf_counter() - t0
+        log(f"{program.name} ({program.shape}) does not fit: {program.compile_s:.0f} s of compile")
         return None
     program.compile_s = time.perf_counter() - t0
+    # The end of each compile too: with several threads, the log then shows which program held the run up.
+    log(f"compiled {program.name} ({program.shape}) in {program.compile_s:.0f} s")
     mem = compiled.memory_analysis()
     stats = {k: int(getattr(mem, k + "_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp",
                                                                      "generated_code")}
