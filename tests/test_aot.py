@@ -358,13 +358,38 @@ def test_programs_compiled_on_two_threads_give_the_report_of_one(tmp_path):
         return rep
 
     two, one = (numbers(_compile_json(tmp_path, *shape, f"--jobs={n}")) for n in (2, 1))
-    assert two["programs"]["decode"]["shape"].endswith(", 3 windows")
-    assert len(two["programs"]["decode"]["window_peak_bytes"]) == 3
+    assert two["programs"]["decode"]["shape"].endswith(", 3 windows (1 interpolated)")
+    assert len(two["programs"]["decode"]["window_peak_bytes"]) == 2  # the first and widest are compiled
     # The evaluation decode (not priced) compiles its widest window only.
     assert two["programs"]["eval_decode"]["shape"].endswith(", widest of 3 windows")
     assert "window_peak_bytes" not in two["programs"]["eval_decode"]
     assert set(two["programs"]) == {"prefill", "decode", "eval_prefill", "eval_decode", "update"}
     assert two == one
+
+
+@needs_libtpu
+def test_interpolated_decode_windows_give_the_report_of_every_window(tmp_path, monkeypatch):
+    """The training decode compiles its first and widest windows and interpolates the others: the merged
+    decode row (FLOPs, bytes, peak: what the step bound and the fit read) is the one that compiling every
+    window gives, and the widest window holds the largest peak."""
+    from realjax.rl.setup import DEMO_ASSET
+    from realjax.tools.aot import compile as aot
+
+    arch = json.loads((DEMO_ASSET / "config.json").read_text())
+    arch.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, head_dim=16)
+    (tmp_path / "config.json").write_text(json.dumps(arch))
+    shape = [*TINY, "rollout.max_new_tokens=64", "rollout.window_tokens=16", "model.scan_layers=true", "data.eval="]
+    reports = {}
+    for mode in ("all", "ends"):
+        monkeypatch.setattr(aot, "TRAINING_WINDOWS", mode)
+        reports[mode] = _compile_json(tmp_path, *shape)["programs"]["decode"]
+    every, ends = reports["all"], reports["ends"]
+    assert every["shape"].endswith(", 4 windows") and ends["shape"].endswith(", 4 windows (2 interpolated)")
+    assert max(every["window_peak_bytes"]) == every["window_peak_bytes"][-1] == ends["window_peak_bytes"][-1]
+    for key in ("peak_bytes", "temp_bytes", "argument_bytes", "read_bytes_per_chip"):
+        assert ends[key] == every[key], key
+    for key in ("flops_per_chip", "xla_bytes_accessed_per_chip", "time_hbm_s"):
+        assert ends[key] == pytest.approx(every[key], rel=1e-3), key
 
 
 @pytest.mark.slow

@@ -32,8 +32,10 @@ Time is bounded below per program by ``flops / peak FLOP/s`` (compute) and by re
 once at HBM bandwidth (weights and KV cache: what bounds decoding). XLA counts a ``while_loop`` body
 once, so the decode program's numbers are one decode step; the RL-step bound assumes every row runs
 the full budget. The sampler decodes in cache windows (``SamplingConfig.window_tokens``), one program
-each: every window is compiled, and the ``decode`` row merges them (the largest peak; FLOPs and bytes
-read averaged over the steps), a step reading the KV cache only up to its window. XLA's own "bytes
+each: the first and the widest are compiled and the others interpolated between them
+(``programs.interpolate``; ``TRAINING_WINDOWS = "all"`` compiles every one), and the ``decode`` row
+merges them (the largest peak; FLOPs and bytes read averaged over the steps), a step reading the KV
+cache only up to its window. XLA's own "bytes
 accessed" is kept in the JSON; it counts whole-buffer traffic of in-place cache updates, so it
 overstates decoding several times. For the same reason a model with scanned layers
 (``model.scan_layers``) would count one layer: its FLOPs are the compiled program's times the ratio of
@@ -70,7 +72,7 @@ from realjax.sampling import Sampler
 from realjax.tools.aot.engine_moves import engine_move_lowerings
 from realjax.tools.aot.lengths import call_schedules, largest_moves, rollout_under_lengths
 from realjax.tools.aot.packed_update import price_config
-from realjax.tools.aot.programs import Jobs, Program, compile_program, merge, window_unrolled_flops
+from realjax.tools.aot.programs import Jobs, Program, compile_program, interpolate, merge, window_unrolled_flops
 from realjax.tools.aot.topology import Topology, parse_topology, topology_devices
 
 GiB = 1024 ** 3
@@ -282,6 +284,11 @@ def _engine_report(rep: dict, moves: list[Program], decode: Program, resident: i
     rep["fits"] = rep["fits"] and all(v["fits"] for v in rep["engine_programs"].values())
 
 
+# "ends": the training decode compiles its first and widest windows and interpolates the others; "all"
+# compiles every window (the tests compare the two).
+TRAINING_WINDOWS = "ends"
+
+
 def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, prompts: int, tp: int, group: int,
                       calls: int, resident: int, log, *, every_window: bool = True):
     """Submit the sampler's prefill for one call of ``prompts`` x ``group`` rows (``calls`` per step), whose
@@ -289,9 +296,10 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
 
     ``every_window=False`` (the evaluation sampler: it must fit, but is not priced) compiles only the widest
     window, the whole cache. The windows are one program but for the span attention reads, and their
-    arguments and outputs are the same buffers, so the widest has the largest temporaries: each report
-    shows it for the training decode, whose windows are all compiled (``window_peak_bytes``). Its FLOPs
-    are the widest window's, not the mean over the windows."""
+    arguments and outputs are the same buffers, so the widest has the largest temporaries (the training
+    decode's compiled windows show it, ``window_peak_bytes``). Its FLOPs are the widest window's, not the
+    mean over the windows. The training decode (priced) compiles its first and widest windows and
+    interpolates the others (``TRAINING_WINDOWS``)."""
     st, N = st.rollout(), sampling.max_new_tokens
     sampler = Sampler(sampling, pad_id=sampling.stop_ids[0], mesh=mesh, rules=shd.ROLLOUT_RULES)
     ids = jax.ShapeDtypeStruct((prompts, tp), jnp.int32,
@@ -321,7 +329,8 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
                                  unread_bytes=cache["bytes"] * (1 - w / cache["slots"]), window=w))
             start = w
         parts[0].count_s = time.perf_counter() - t0
-        for part in parts:
+        ends = every_window and TRAINING_WINDOWS == "ends" and len(parts) > 2
+        for part in ([parts[0], parts[-1]] if ends else parts):
             jobs.submit(compile_program, part, lambda s, w=part.window: lower(s, w), log, st, unrolled(part.window))
 
     jobs.submit(prefill_then_windows)
@@ -332,8 +341,12 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
             decode.error = "not compiled: its prefill does not fit"
             return [prefill, decode]
         n = cache["windows"]
+        if any(not p.memory for p in parts[1:-1]):  # "ends": the windows between were not compiled
+            interpolate(parts)
         decode = merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {cache['slots']}"
-                       + ("" if n == 1 else f", {n} windows" if len(parts) == n else f", widest of {n} windows"), parts)
+                       + ("" if n == 1 else f", {n} windows" if len(parts) == n else f", widest of {n} windows")
+                       + (f" ({sum(p.interpolated for p in parts)} interpolated)" if any(p.interpolated for p in parts)
+                          else ""), parts)
         decode.runs *= calls  # the parts counted one call's steps
         decode.parts, decode.cache_bytes = parts, cache["bytes"]
         return [prefill, decode]
@@ -360,7 +373,7 @@ def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Prog
                        "time_flops_s": t_flops,
                        "time_hbm_s": t_hbm, "compile_s": round(p.compile_s, 2), "lower_s": round(p.lower_s, 2),
                        "count_s": round(p.count_s, 2), "error": p.error,
-                       **({"window_peak_bytes": [q.peak for q in p.parts]} if len(p.parts) > 1 else {})}
+                       **({"window_peak_bytes": [q.peak for q in p.parts if not q.interpolated]} if len(p.parts) > 1 else {})}
     return {
         "topology": topo.name, "jax_topology": topo.jax_name, "chip": chip.name, "chips": topo.chips,
         "hbm_bytes_per_chip": chip.hbm_bytes, "peak_flops_per_chip": chip.peak_flops,

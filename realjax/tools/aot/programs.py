@@ -37,6 +37,7 @@ class Program:
     window: int = 0  # a decode window's program: the cache slots it reads
     parts: list = dataclasses.field(default_factory=list)  # decode: the window programs it merges
     cache_bytes: int = 0  # decode: the KV cache, per chip
+    interpolated: bool = False  # a decode window priced from its neighbours, not compiled (``interpolate``)
 
     @property
     def read_bytes(self) -> float:
@@ -119,6 +120,20 @@ def window_unrolled_flops(lower, st, windows):
     if windows[-1] == windows[0]:
         return lambda w: first
     return lambda w: first + (last - first) * (w - windows[0]) / (windows[-1] - windows[0])
+
+
+def interpolate(parts: list[Program]) -> None:
+    """Fill the decode windows between the first and the widest (both compiled) without compiling them.
+
+    The windows are one program but for the span attention reads: per step, FLOPs and bytes are affine in
+    the window (interpolated here), and arguments, outputs and the largest temporaries are the widest's
+    (its memory is copied). ``tests/test_aot.py`` compiles every window and compares."""
+    first, last = parts[0], parts[-1]
+    for p in parts[1:-1]:
+        f = (p.window - first.window) / (last.window - first.window)
+        p.memory, p.error, p.interpolated = dict(last.memory), last.error or first.error, True
+        p.flops = first.flops + f * (last.flops - first.flops)
+        p.bytes_accessed = first.bytes_accessed + f * (last.bytes_accessed - first.bytes_accessed)
 
 
 def merge(name: str, shape: str, parts: list[Program]) -> Program:
