@@ -78,7 +78,7 @@ def test_backend_gradients_match_xla(name):
 def test_slot_rule_matches_reference_and_stays_on_xla():
     """The cache's rule (decode): slots <= the query's slot that hold a real token, any back end asked."""
     q, k, v = _qkv(T=6)
-    B, T = 2, 6
+    T = 6
     q_slot = jnp.asarray([[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7]])[:, :T]
     key_mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]], bool)
     vis = (np.arange(T)[None, None] <= np.asarray(q_slot)[:, :, None]) & np.asarray(key_mask)[:, None]

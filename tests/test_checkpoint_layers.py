@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from realjax import sharding as shd
-from realjax.checkpoint import Checkpointer, LayoutMismatch, abstract_like
+from realjax.checkpoint import Checkpointer, LayoutMismatch
 from realjax.checkpoint_layers import leaf_paths
 from realjax.models import ModelConfig, init_model
 from realjax.rl.batch import TrainState

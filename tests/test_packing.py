@@ -47,7 +47,6 @@ def _split():
 def test_plan_places_every_real_token_once():
     b = _ragged()
     p = pack(b.prompt_mask_BQ, b.resp_mask_BA, sequences=16)
-    ids_BT = np.concatenate([b.prompt_ids_BQ, b.tokens_BA[:, :-1]], axis=1)
     real_BT = np.concatenate([b.prompt_mask_BQ, b.resp_mask_BA[:, :-1]], axis=1) > 0
     used = p.segment_ids_ZC > 0
     src = p.src_ZC[used]
@@ -309,7 +308,6 @@ def test_the_update_cost_report_counts_what_the_packing_runs():
     seg_SC = jnp.asarray(np.pad(seg_SC, ((0, 0), (0, Tp - Cs))))  # splash pads to whole tiles, in segment 0
     (_, fwd_mask), (_, dkv_mask) = jax.vmap(lambda s_: sb.tables(*sb.block_bounds(s_, s_, block), jnp.int32))(seg_SC)
     assert int((fwd_mask > 0).sum()) == int((dkv_mask > 0).sum()) < len(seg_SC) * 6  # 6: a whole causal triangle
-    head = cfg.vocab_size * cfg.hidden_size
     pair = 12 * cfg.num_heads * cfg.head_dim * cfg.num_layers
     want = len(seg_SC) * 6 * matmul_params(cfg) * Cs + pair * block * block * int((fwd_mask > 0).sum())
     assert u["sequences"]["run"] == len(seg_SC) == micro * sum(s_.shape[1] for s_ in segs)
