@@ -217,8 +217,8 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
                                       packed_sequences=plan.packed_sequences(rows // chunks, tp + N - 1))
             jobs.submit(compile_program, score[0],
                         lambda s: s.plan.scoring_fn(s.graphdef).lower(s.state.params, sbatch, s.state.frozen), log, st)
-        moves = _submit_engine_moves(jobs, cfg, st, mcfg, mesh, log, lengths=lengths, rows=per_call * R, calls=calls,
-                                     prompts=per_call, prompt=tp, multiple=multiple)
+        moves, schedules = _submit_engine_moves(jobs, cfg, st, mcfg, mesh, log, lengths=lengths, rows=per_call * R,
+                                                calls=calls, prompts=per_call, prompt=tp, multiple=multiple)
         jobs.wait()
     programs = [p for finish in samplers for p in finish()] + score + [update]
     rep = _summarise(cfg, topo, mesh, mcfg, source, programs, b)
@@ -230,7 +230,8 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
             window_tokens=plan.sampling.window_tokens, compiled_rows=rows)
         # As configured; and the step's rows in one call through the same slots (refill across the calls:
         # the longest rows' tail is paid once, not once per call).
-        scenarios = {"rollout_under_lengths": price(rows=rows, calls=calls, prompts=per_call, slots=r.slots)}
+        scenarios = {"rollout_under_lengths": price(rows=rows, calls=calls, prompts=per_call, slots=r.slots,
+                                                    schedules=schedules)}
         if calls > 1:
             scenarios["rollout_under_lengths_one_call"] = price(rows=rows * calls, calls=1, prompts=r.prompts_per_step,
                                                                 slots=min(r.slots or rows, rows))
@@ -245,15 +246,17 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
 
 
 def _submit_engine_moves(jobs: Jobs, cfg, st: _State, mcfg, mesh, log, *, lengths: str, rows: int, calls: int,
-                         prompts: int, prompt: int, multiple: int) -> list[Program]:
+                         prompts: int, prompt: int, multiple: int) -> tuple[list[Program], tuple]:
     """Submit the compiles of the largest compaction and insert the engine runs in the priced schedule (they
     must fit too: ``realjax.tools.aot.engine_moves``). The schedule depends on the config alone, so they
     compile beside the model's programs rather than after them; what lives beside them is known once the
-    decode has compiled (``_engine_report``)."""
+    decode has compiled (``_engine_report``). Returns the moves and the schedules (``call_schedules``),
+    which the rollout's price reuses."""
     r = cfg.rollout
-    _, plans = call_schedules(lengths, rows=rows, calls=calls, prompt=prompt, new=r.max_new_tokens, slots=r.slots,
+    schedules = call_schedules(lengths, rows=rows, calls=calls, prompt=prompt, new=r.max_new_tokens, slots=r.slots,
                               multiple=multiple, compact_every=r.compact_every,
                               window_tokens=st.plan.sampling.window_tokens)
+    plans = schedules[1]
     compaction, insert = largest_moves(plans)
     moves = []
     for name, shape, lower in engine_move_lowerings(
@@ -264,7 +267,7 @@ def _submit_engine_moves(jobs: Jobs, cfg, st: _State, mcfg, mesh, log, *, length
         # no model in these programs: nothing to count, and their lowering ignores the graphdef
         jobs.submit(compile_program, moves[-1], lambda s, lower=lower: lower(s.graphdef), log,
                     dataclasses.replace(st, count_graphdef=None))
-    return moves
+    return moves, schedules
 
 
 def _engine_report(rep: dict, moves: list[Program], decode: Program, resident: int) -> None:
@@ -329,8 +332,8 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
                                  unread_bytes=cache["bytes"] * (1 - w / cache["slots"]), window=w))
             start = w
         parts[0].count_s = time.perf_counter() - t0
-        ends = every_window and TRAINING_WINDOWS == "ends" and len(parts) > 2
-        for part in ([parts[0], parts[-1]] if ends else parts):
+        cache["interpolate"] = every_window and TRAINING_WINDOWS == "ends" and len(parts) > 2
+        for part in ([parts[0], parts[-1]] if cache["interpolate"] else parts):
             jobs.submit(compile_program, part, lambda s, w=part.window: lower(s, w), log, st, unrolled(part.window))
 
     jobs.submit(prefill_then_windows)
@@ -341,12 +344,12 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
             decode.error = "not compiled: its prefill does not fit"
             return [prefill, decode]
         n = cache["windows"]
-        if any(not p.memory for p in parts[1:-1]):  # "ends": the windows between were not compiled
+        if cache["interpolate"]:  # the windows between the first and the widest were not compiled
             interpolate(parts)
-        decode = merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {cache['slots']}"
-                       + ("" if n == 1 else f", {n} windows" if len(parts) == n else f", widest of {n} windows")
-                       + (f" ({sum(p.interpolated for p in parts)} interpolated)" if any(p.interpolated for p in parts)
-                          else ""), parts)
+        windows = "" if n == 1 else f", {n} windows" if len(parts) == n else f", widest of {n} windows"
+        if cache["interpolate"]:
+            windows += f" ({len(parts) - 2} interpolated)"
+        decode = merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {cache['slots']}{windows}", parts)
         decode.runs *= calls  # the parts counted one call's steps
         decode.parts, decode.cache_bytes = parts, cache["bytes"]
         return [prefill, decode]

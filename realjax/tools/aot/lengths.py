@@ -61,11 +61,12 @@ def largest_moves(plans) -> tuple[tuple[int, int], tuple[int, int]]:
 
 def rollout_under_lengths(name: str, *, prefill, decode, chip, rows: int, calls: int, prompts: int, prompt: int,
                           new: int, slots: int, multiple: int, compact_every: int, window_tokens: int,
-                          compiled_rows: int = 0, seed: int = 0) -> dict:
+                          compiled_rows: int = 0, seed: int = 0, schedules=None) -> dict:
     """Price one RL step's rollout (``calls`` sampler calls of ``rows`` rows, ``prompts`` prompts each) on
     the engine under the named length distribution. ``prefill``, ``decode``: the compiled
     ``realjax.tools.aot.compile.Program``s of a call of ``compiled_rows`` rows (0 = ``rows``), the decode
-    carrying its per-window parts and its KV-cache bytes per chip."""
+    carrying its per-window parts and its KV-cache bytes per chip. ``schedules``: :func:`call_schedules`'
+    result for these arguments when the caller already has it."""
     S, compiled_rows = prompt + new, compiled_rows or rows
     by_window = {p.window: p for p in decode.parts}
     weights = decode.parts[-1].memory["argument"] - decode.cache_bytes  # all but the cache, per chip
@@ -77,9 +78,9 @@ def rollout_under_lengths(name: str, *, prefill, decode, chip, rows: int, calls:
         read = weights + decode.cache_bytes * share * window / S
         return max(part.flops * share / chip.peak_flops, read / chip.hbm_bandwidth)
 
-    lengths, plans = call_schedules(name, rows=rows, calls=calls, prompt=prompt, new=new, slots=slots,
-                                    multiple=multiple, compact_every=compact_every, window_tokens=window_tokens,
-                                    seed=seed)
+    lengths, plans = schedules or call_schedules(name, rows=rows, calls=calls, prompt=prompt, new=new, slots=slots,
+                                                 multiple=multiple, compact_every=compact_every,
+                                                 window_tokens=window_tokens, seed=seed)
     decode_s, row_steps, programs = 0.0, 0, set()
     compactions, compact_bytes, inserts, inserted, insert_bytes = 0, 0.0, 0, 0, 0.0
     for plan in plans:
