@@ -18,7 +18,7 @@ from realjax.losses import TERMS
 from realjax.models.attention import Backend
 from realjax.rl.batch import TrainState
 from realjax.rl.packing import (PackingError, pack, pack_batch, packed_tokens, plan_sequences, row_lengths,
-                                sequence_buckets)
+                                sequence_buckets, sequence_lengths)
 from realjax.rl.update import make_update_step, policy_logprobs
 
 R, Q, A = 4, 5, 7
@@ -75,15 +75,30 @@ def test_plan_places_every_real_token_once():
     # A row runs its prompt and its response but the last token (which predicts nothing).
     n_q, n_a = b.prompt_mask_BQ.sum(1), b.resp_mask_BA.sum(1)
     assert packed_tokens(p) == int(((n_q + n_a - 1) * (n_a > 0)).sum())
+    # Every padding slot is a segment of its own, never a row's.
+    pad_ids = [p.segment_ids_ZC[z][~used[z]] for z in range(len(used))]
+    assert all((ids < 0).all() and len(np.unique(ids)) == len(ids) for ids in pad_ids)
     with pytest.raises(PackingError, match="need"):
         pack(b.prompt_mask_BQ, b.resp_mask_BA, sequences=2)
+    with pytest.raises(PackingError, match="shorter than a row"):
+        pack(b.prompt_mask_BQ, b.resp_mask_BA, sequences=16, length=C - 1)
+    # Longer sequences hold the same rows in fewer of them, the same tokens in the same order.
+    long = pack(b.prompt_mask_BQ, b.resp_mask_BA, sequences=16, length=2 * C)
+    assert packed_tokens(long) == packed_tokens(p) and long.src_ZC.shape == (16, 2 * C)
+    assert ((long.segment_ids_ZC > 0).sum(1) > 0).sum() < ((p.segment_ids_ZC > 0).sum(1) > 0).sum()
+    np.testing.assert_array_equal(long.src_ZC.reshape(-1)[long.dst_BA[scored]], bb * C + Q - 1 + aa)
 
 
-def test_sequence_counts_come_from_a_bounded_set():
-    assert sequence_buckets(64, 100, 1000, 1) == (10, 13, 17, 22, 28, 35, 44, 55, 64)  # up a quarter at a time
-    assert sequence_buckets(64, 100, 1000, 8) == (16, 24, 32, 40, 56, 64)  # multiples of the devices
-    assert len(sequence_buckets(4096, 100, 1000, 1)) < 30
+def test_sequence_shapes_come_from_a_bounded_set():
+    # every multiple of the devices up to a quarter above the budget's count, then up a quarter at a time
+    assert sequence_buckets(64, 100, 1000, 1) == (10, 11, 12, 15, 19, 24, 30, 38, 48, 60, 64)
+    assert sequence_buckets(64, 100, 1000, 8) == (16, 24, 32, 40, 56, 64)
+    assert sequence_buckets(64, 9215, 32 * 9215, 4) == (32, 36, 40, 52, 64)
+    assert len(sequence_buckets(4096, 100, 1000, 1)) < 40
     assert sequence_buckets(8, 100, 10, 8) == (8,)
+    # lengths: a padded row's, then whole splash tiles past its own up to an eighth longer
+    assert sequence_lengths(9215) == (9215, 9728, 10240)
+    assert sequence_lengths(100) == (100,) and sequence_lengths(8191) == (8191, 8704)
     b = _ragged().cut(2)
     packed = pack_batch(b, tokens_per_micro_batch=3 * C, multiple=1)
     assert packed.packing.src_ZC.shape[:1] == (2,) and packed.packing.src_ZC.shape[1] in (3, 4, 5, 7, 8)
@@ -121,6 +136,22 @@ def test_packed_logprobs_equal_padded(devices):
     np.testing.assert_allclose(logp[m], padded_logp[m], atol=1e-5)
     np.testing.assert_allclose(ent[m], padded_ent[m], atol=1e-5)
     assert (logp[~m] == 0).all()
+
+
+def test_the_plan_takes_the_smallest_capacity_over_lengths_and_longer_sequences_are_exact():
+    """Rows of 7 tokens: one per sequence of C = 11 (three sequences, 33 slots), two per sequence of 14
+    (two sequences, 28 slots; of 16, 32): the plan takes the smallest capacity, and the log-probs stay the
+    padded ones in sequences longer than a row."""
+    lengths = np.full((2, 3), 7)
+    at_c = plan_sequences(lengths, C, tokens_per_micro_batch=2 * C, seq_lengths=(C,))
+    plan = plan_sequences(lengths, C, tokens_per_micro_batch=2 * C, seq_lengths=(C, 14, 16))
+    assert (at_c.sequences, at_c.length) == (3, C) and (plan.sequences, plan.length) == (2, 14)
+    assert plan.capacity <= at_c.capacity
+    b = _ragged()
+    padded_logp, _ = _logprobs(b)
+    logp, _ = _logprobs(b.replace(packing=pack(b.prompt_mask_BQ, b.resp_mask_BA, sequences=6, length=3 * C)))
+    m = b.resp_mask_BA > 0
+    np.testing.assert_allclose(logp[m], padded_logp[m], atol=1e-5)
 
 
 @pytest.mark.slow
@@ -212,7 +243,7 @@ def test_an_update_with_groups_moved_equals_the_padded_one():
                     reason="libtpu not installed (pip install 'realjax[tpu]')")
 def test_packed_update_with_splash_lowers_for_tpu(tmp_path):
     """`realjax compile` of a one-layer model with packing and splash attention for v5p-8: the scoring-free
-    update (packed into 8 sequences of 31 tokens, a multiple of the 4 fsdp devices) compiles and fits."""
+    update (packed sequences of at least 31 tokens, a multiple of the 4 fsdp devices) compiles and fits."""
     import contextlib
     import io
     import json
@@ -231,7 +262,9 @@ def test_packed_update_with_splash_lowers_for_tpu(tmp_path):
     rep = json.loads(out.getvalue())
     update = rep["programs"]["update"]
     assert rc == 0 and update["fits"] and not update["error"], update
-    assert "packed into 8 x 31" in update["shape"]
+    # compiled at the largest shape the updates run under the priced lengths (the budget's is 8 x 31)
+    z, length = max(rep["update_under_lengths"]["shapes_run"], key=lambda zl: zl[0] * zl[1])
+    assert f"packed into {z} x {length}" in update["shape"] and z * length >= 8 * 31
 
 
 @pytest.mark.parametrize("override,message", [
@@ -310,12 +343,13 @@ def test_the_update_cost_report_counts_what_the_packing_runs():
     assert int((fwd_mask > 0).sum()) == int((dkv_mask > 0).sum()) < len(seg_SC) * 6  # 6: a whole causal triangle
     pair = 12 * cfg.num_heads * cfg.head_dim * cfg.num_layers
     want = len(seg_SC) * 6 * matmul_params(cfg) * Cs + pair * block * block * int((fwd_mask > 0).sum())
-    assert u["sequences"]["run"] == len(seg_SC) == micro * sum(s_.shape[1] for s_ in segs)
+    assert u["sequences_run"] == len(seg_SC) == micro * sum(s_.shape[1] for s_ in segs)
     np.testing.assert_allclose(u["packed_flops"], want, rtol=1e-12)
     np.testing.assert_allclose(u["real_flops"], real_token_flops(cfg, p_len, r_len), rtol=1e-12)
     np.testing.assert_allclose(u["real_flops"] + sum(u["parts_flops"].values()), u["packed_flops"], rtol=1e-12)
     assert all(v >= 0 for v in u["parts_flops"].values()) and u["packed_over_real"] > 1
-    assert u["sequences"]["fewest"] <= u["sequences"]["ffd"] <= u["sequences"]["own_buckets"] <= u["sequences"]["run"]
+    slots = u["slots"]
+    assert slots["fewest"] <= slots["ffd"] <= slots["own_buckets"] <= slots["run"] == len(seg_SC) * Cs
     # XLA's attention: the whole square of every sequence run
     sq = update_under_lengths(cfg, "r1-distill", rows=rows, group_size=4, mini_batches=updates, micro_batches=micro,
                               prompt=prompt, response=response, tokens_per_micro_batch=budget, multiple=2, seed=3,

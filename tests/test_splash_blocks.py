@@ -16,10 +16,12 @@ T, BLOCK = 512, 128
 
 
 def _layouts():
-    """[4, T] segment ids: packed rows crossing tile edges with tail padding; one row; a left- and
-    right-padded row (padding id 0 at both ends); one row per tile."""
+    """[5, T] segment ids: packed rows crossing tile edges with tail padding; one row; a left- and
+    right-padded row (padding id 0 at both ends); one row per tile; packed rows whose padding slots are
+    each a segment of their own (``realjax.rl.packing.pack``), two whole tiles of it."""
+    own_pad = np.concatenate([np.repeat([1, 2], [90, 140]), -1 - np.arange(T - 230)])
     return np.stack([np.repeat([1, 2, 3, 0], [100, 200, 150, 62]), np.ones(T, int),
-                     np.repeat([0, 1, 0], [130, 300, 82]), np.repeat([1, 2, 3, 4], BLOCK)]).astype(np.int32)
+                     np.repeat([0, 1, 0], [130, 300, 82]), np.repeat([1, 2, 3, 4], BLOCK), own_pad]).astype(np.int32)
 
 
 def _visible_tiles(seg_T, block, real_queries=False):
@@ -41,7 +43,7 @@ def _tables(seg_T, block=BLOCK):
     return [tuple(np.asarray(a)[0] for a in t) for t in _device_tables(jnp.asarray(seg_T), block)]
 
 
-@pytest.mark.parametrize("row", range(4))
+@pytest.mark.parametrize("row", range(5))
 def test_tables_compute_every_visible_tile_and_contiguous_rows_only_those(row):
     seg = _layouts()[row]
     (fwd_next, fwd_mask), (dkv_next, dkv_mask) = _tables(seg)
@@ -84,7 +86,8 @@ def test_one_segment_gives_the_static_causal_tables():
 
 def test_packed_blocks_counts_the_tiles_the_kernel_computes():
     """The cost model's count (numpy, from row lengths in layout order) is the tables' count, rows alone
-    and with the tail padding, on random packings (sequence lengths off the tile grid included)."""
+    and with the tail padding (each slot its own segment, as ``realjax.rl.packing.pack`` lays it; splash's
+    own tile padding in segment 0), on random packings (sequence lengths off the tile grid included)."""
     rng = np.random.default_rng(0)
     for n in (512, 509, 300):
         for _ in range(20):
@@ -96,6 +99,7 @@ def test_packed_blocks_counts_the_tiles_the_kernel_computes():
                 lengths.append(r)
             block, Tp = sb.tile(n, BLOCK)
             seg = np.zeros(Tp, np.int32)
+            seg[:n] = -1 - np.arange(n)
             seg[:sum(lengths)] = np.repeat(np.arange(1, len(lengths) + 1), lengths)
             (_, mask), (_, dkv_mask) = _tables(seg, block)
             rows_only = _visible_tiles(seg, block, real_queries=True)
@@ -111,7 +115,7 @@ def _qkv(B, N=2, K=1, H=8, seed=0):
 
 def test_kernel_with_segment_tables_matches_xla():
     seg = jnp.asarray(_layouts())
-    q, k, v = _qkv(4)
+    q, k, v = _qkv(5)
     out = jax.jit(lambda q, k, v: splash_attention(q, k, v, (seg, seg), interpret=True, block=BLOCK))(q, k, v)
     ref = xla_attention(q, k, v, segment_ids=(seg, seg))
     real = np.asarray(seg) > 0
@@ -122,7 +126,7 @@ def test_kernel_with_segment_tables_matches_xla():
 @pytest.mark.slow
 def test_kernel_with_segment_tables_outputs_and_gradients_match_xla_and_the_static_kernel():
     seg = jnp.asarray(_layouts())
-    q, k, v = _qkv(4, N=4, K=2, seed=1)
+    q, k, v = _qkv(5, N=4, K=2, seed=1)
     w = jnp.asarray(np.asarray(seg) > 0, jnp.float32)[:, :, None, None]  # the loss reads real tokens only
     fns = {"segment": lambda q, k, v: splash_attention(q, k, v, (seg, seg), interpret=True, block=BLOCK),
            "static": lambda q, k, v: splash_attention(q, k, v, (seg, seg), interpret=True, block=BLOCK,

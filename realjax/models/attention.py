@@ -3,9 +3,9 @@
 Two masking rules, both causal:
 
 * **segments** (the learner's full sequences, padded or packed): ``segment_ids = (q_seg_BT, kv_seg_BS)``
-  with ``S = T``; query ``t`` sees key ``s <= t`` of its own segment. Padding is a segment of its own
-  (id 0 by convention), so a padding query sees earlier padding and never a real token, and no query row
-  is ever fully masked (a fully masked row is a NaN in some fused kernels; padding outputs are discarded
+  with ``S = T``; query ``t`` sees key ``s <= t`` of its own segment. Padding is never in a row's segment
+  (a padded row's is id 0; a packed sequence gives each padding slot its own negative id), so a padding
+  query sees padding and never a real token, and no query row is ever fully masked (a fully masked row is a NaN in some fused kernels; padding outputs are discarded
   but a NaN would still reach the loss as ``0 * NaN``). Every back end implements this rule.
 * **slots** (the KV cache of the sampler and the engine): query ``t`` sits at cache slot ``q_slot_BT``
   and sees the keys at slots ``<= q_slot`` that hold a real token (``key_mask_BS``). Only the XLA back end
@@ -229,7 +229,7 @@ def _splash_kernel(T: int, G: int, block: int, interpret: bool):
 
 def full_attention(q_BTNH, k_BTKH, v_BTKH, key_mask_or_segments_BT):
     """Attention over one whole sequence (no cache): ``key_mask_or_segments_BT`` is a bool key mask (a
-    padded batch) or int32 segment ids (a packed one, 0 = padding).
+    padded batch) or int32 segment ids (a packed one, ``realjax.rl.packing``).
 
     A bool mask keeps the slot rule on XLA (so padded outputs stay as they always were) and becomes
     segments ``{0: padding, 1: the row}`` on the fused back ends, which only take segments.

@@ -98,8 +98,9 @@ def segment_kernel(kernel, q_seg_T, kv_seg_T, block: int):
 def packed_blocks(lengths: np.ndarray, T: int, block: int = SPLASH_BLOCK) -> tuple[int, int]:
     """(tiles the rows need, tiles computed in all) per pass of one packed sequence of ``T`` tokens whose
     rows of ``lengths`` tokens lie end to end from slot 0 in this order (as ``realjax.rl.packing.pack``
-    lays them), the rest padding (one segment) up to whole tiles: the count of :func:`tables`' computed
-    tiles, in numpy for the cost model (``realjax.tools.aot.packed_update``)."""
+    lays them), the rest padding (each slot its own segment: a query block of padding alone computes its
+    diagonal tile only): the count of :func:`tables`' computed tiles, in numpy for the cost model
+    (``realjax.tools.aot.packed_update``)."""
     block, Tp = tile(T, block)
     lengths = np.asarray(lengths, np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -111,9 +112,7 @@ def packed_blocks(lengths: np.ndarray, T: int, block: int = SPLASH_BLOCK) -> tup
         a, b = i * block, (i + 1) * block  # the query block's positions [a, b)
         # rows overlapping [a, b): the earliest of them starts the block's reach
         hit = np.flatnonzero((starts[:-1] < b) & (starts[1:] > a))
-        lo_rows = starts[hit[0]] // block if len(hit) else None
-        lo_pad = starts[-1] // block if b > starts[-1] else None
-        lo_all = min(x for x in (lo_rows, lo_pad) if x is not None)
-        rows += 0 if lo_rows is None else i - lo_rows + 1
-        total += i - lo_all + 1
+        lo = starts[hit[0]] // block if len(hit) else i
+        rows += i - lo + 1 if len(hit) else 0
+        total += i - lo + 1
     return rows, total

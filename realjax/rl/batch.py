@@ -60,10 +60,11 @@ class UpdateBatch:
 
     @classmethod
     def spec(cls, lead: tuple[int, ...], prompt_len: int, response_len: int, *, with_ref: bool,
-             sharding=None, with_sampler: bool = False, packed_sequences: int = 0) -> "UpdateBatch":
+             sharding=None, with_sampler: bool = False, packed_sequences: int = 0,
+             packed_length: int = 0) -> "UpdateBatch":
         """The abstract batch (``jax.ShapeDtypeStruct`` leaves) with leading dims ``lead``; ``sharding``
         maps a shape to the leaf's sharding (AOT compiles); ``packed_sequences``: the rows packed into that
-        many sequences of ``prompt_len + response_len - 1`` tokens (0: padded rows)."""
+        many sequences of ``packed_length`` tokens (default ``prompt_len + response_len - 1``; 0: padded)."""
         def leaf(tail, dtype):
             shape = tuple(lead) + tail
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(shape) if sharding else None)
@@ -79,7 +80,7 @@ class UpdateBatch:
                    ref_logp_BA=leaf(a, jnp.float32) if with_ref else None,
                    sampler_logp_BA=leaf(a, jnp.float32) if with_sampler else None,
                    packing=None if not packed_sequences else Packing(*(
-                       packed_leaf((packed_sequences, prompt_len + response_len - 1)) for _ in range(3)),
+                       packed_leaf((packed_sequences, packed_length or prompt_len + response_len - 1)) for _ in range(3)),
                        dst_BA=leaf(a, jnp.int32)))
 
 

@@ -9,15 +9,22 @@ sees exactly what it saw padded. Log-probs and entropies are gathered back to th
 the losses and the exact accumulation over micro-batches do not change.
 
 The plan is numpy on the host from the masks alone, deterministic (a stable sort), so every process of a
-multi-host run, holding the same global batch, derives the same plan. ``Z`` comes from a bounded set (the
-token budget's sequence count, grown by a quarter at a time, at most one sequence per row), and all
-micro-batches of an update share the largest, so an update compiles for a few shapes at most. Because of
-that sharing, an update may move whole prompt groups between its micro-batches (``group_size``) when that
-lowers the shared count: the update's gradient does not depend on which micro-batch holds a group (every
-objective is per group, summed over micro-batches and divided once, ``realjax.rl.update``).
+multi-host run, holding the same global batch, derives the same plan. An update's shape ``(Z, L)`` comes
+from a bounded set, so an update compiles for a few shapes at most: ``Z`` from the token budget's sequence
+count up (a multiple of the data-parallel devices, then a quarter at a time), ``L`` the padded row length
+``C`` or whole splash tiles up to an eighth longer (longer sequences take rows that would open another
+one: the capacity ``Z * L`` moves in finer steps than whole sequences per device); the plan takes the
+smallest capacity that fits, and all micro-batches of an update share it. Because of that sharing, an
+update may move whole prompt groups between its micro-batches (``group_size``) when that lowers the
+capacity: the update's gradient does not depend on which micro-batch holds a group (every objective is
+per group, summed over micro-batches and divided once, ``realjax.rl.update``).
 
-Axis letters (``realjax/__init__``): Z packed sequences, C tokens of a packed sequence; B, Q, A, M as in
-``realjax.rl.batch``.
+Padding slots each get a segment id of their own (negative: real rows are 1, 2, ...), so a padding query
+sees only itself: every back end computes the same unread values for it, and splash skips all its other
+tiles (``realjax.models.splash_blocks``).
+
+Axis letters (``realjax/__init__``): Z packed sequences, C tokens of a packed sequence (``L`` of them: at
+least a padded row's ``Q + A - 1``); B, Q, A, M as in ``realjax.rl.batch``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from realjax.models.logprobs import token_logprobs
+from realjax.models.splash_blocks import SPLASH_BLOCK, tile
 
 
 class PackingError(ValueError):
@@ -42,7 +50,8 @@ class Packing:
     """Where each row's tokens sit in the packed sequences (int32; one micro-batch, or ``[M, ...]``).
 
     ``src_ZC``: flat index into the row-major model input ``[B, T]`` (``T = Q + A - 1``) of the token at each
-    packed slot (0 on padding slots). ``segment_ids_ZC``: 1, 2, ... for the rows of a sequence, 0 padding.
+    packed slot (0 on padding slots). ``segment_ids_ZC``: 1, 2, ... for the rows of a sequence; padding
+    slots negative, each its own (``-1 - slot``).
     ``positions_ZC``: the token's RoPE position in its row. ``dst_BA``: flat index into ``[Z * C]`` of the
     slot whose next-token prediction scores response token ``(b, a)``; -1 where nothing is scored (padding;
     a row with an empty response is not packed at all). Rows dropped whole (``row_mask_B``) are packed
@@ -103,29 +112,49 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 def sequence_buckets(rows: int, seq_len: int, tokens_per_micro_batch: int, multiple: int) -> tuple[int, ...]:
     """The packed sequence counts a micro-batch of ``rows`` may use, ascending: the budget's count (at least
-    ``multiple``, the data-parallel devices, and a multiple of it), then up by a quarter at a time until one
-    sequence per row. A quarter bounds the padding a bucket adds to 25% while the set stays logarithmic in
-    rows (about 15 shapes from 10 to 256 sequences; doubling would waste up to half)."""
+    ``multiple``, the data-parallel devices, and a multiple of it), every multiple of ``multiple`` up to a
+    quarter above it (where a step's counts fall: each step costs a few percent of the tokens), then up by
+    a quarter at a time until one sequence per row. A quarter bounds the padding a bucket adds to 25% while
+    the set stays logarithmic in rows (17 counts from 10 to 256 sequences; doubling would waste up to
+    half)."""
     up = lambda n: -(-n // multiple) * multiple
     most = up(rows)
-    z = max(multiple, up(tokens_per_micro_batch // seq_len))
+    z = first = max(multiple, up(tokens_per_micro_batch // seq_len))
     out = []
     while z < most:
         out.append(z)
-        z = max(z + multiple, up(-(-5 * z // 4)))
+        z = z + multiple if z + multiple <= first * 5 // 4 else max(z + multiple, up(-(-5 * z // 4)))
     return tuple(out) + (most,)
 
 
-def pack(prompt_mask_BQ, resp_mask_BA, *, sequences: int) -> Packing:
-    """The packing of one micro-batch into ``sequences`` sequences of ``Q + A - 1`` tokens (numpy)."""
+def sequence_lengths(seq_len: int, block: int = SPLASH_BLOCK) -> tuple[int, ...]:
+    """The packed sequence lengths an update may use, ascending: a padded row's ``seq_len``, then every
+    whole number of splash tiles (``realjax.models.splash_blocks.tile``) past its own up to an eighth longer.
+
+    With rows of up to ``seq_len`` tokens about half that long on average, a micro-batch's sequence count
+    moves in steps of the data-parallel devices (a few percent of the tokens each), and every row over
+    half a sequence opens one of its own. A tile more per sequence is a finer step of capacity, and longer
+    sequences hold such a row beside another: R1-Distill-like lengths fill about 3% more of the slots
+    than at ``seq_len`` alone (``realjax compile --lengths`` prices it). An eighth bounds the growth of a
+    sequence's attention under back ends that compute the whole square (XLA's)."""
+    step, padded = tile(seq_len, block)  # lengths within ``padded`` run the same tiles as ``seq_len``
+    return (seq_len,) + tuple(range(padded + step, seq_len + seq_len // 8 + 1, step))
+
+
+def pack(prompt_mask_BQ, resp_mask_BA, *, sequences: int, length: int = 0) -> Packing:
+    """The packing of one micro-batch into ``sequences`` sequences of ``length`` tokens (default and at
+    least ``Q + A - 1``, a padded row's; numpy)."""
     spans, pred_BA = row_spans(prompt_mask_BQ, resp_mask_BA)
     B, A = pred_BA.shape
-    C = np.shape(prompt_mask_BQ)[1] + A - 1
+    T = np.shape(prompt_mask_BQ)[1] + A - 1  # a model input row: the row stride of ``src``
+    C = length or T
+    if C < T:
+        raise PackingError(f"packed sequences of {C} tokens are shorter than a row's {T}")
     bins = first_fit_decreasing(np.array([len(s) for s in spans]), C)
     if len(bins) > sequences:
         raise PackingError(f"the rows need {len(bins)} packed sequences, {sequences} were given")
     src = np.zeros((sequences, C), np.int32)
-    seg = np.zeros((sequences, C), np.int32)
+    seg = np.broadcast_to(-1 - np.arange(C, dtype=np.int32), (sequences, C)).copy()  # padding: each its own
     pos = np.zeros((sequences, C), np.int32)
     dst = np.full((B, A), -1, np.int32)
     for z, members in enumerate(bins):
@@ -133,7 +162,7 @@ def pack(prompt_mask_BQ, resp_mask_BA, *, sequences: int) -> Packing:
         for i, b in enumerate(members):
             span = spans[b]
             n = len(span)
-            src[z, at:at + n] = b * C + span
+            src[z, at:at + n] = b * T + span
             seg[z, at:at + n] = i + 1
             pos[z, at:at + n] = np.arange(n)
             # The packed slot of input position p is at + (rank of p in the span).
@@ -147,11 +176,6 @@ def row_lengths(prompt_mask_BQ, resp_mask_BA) -> np.ndarray:
     """[B] tokens each row runs packed (0 for an empty response)."""
     spans, _ = row_spans(prompt_mask_BQ, resp_mask_BA)
     return np.array([len(s) for s in spans], np.int64)
-
-
-def sequences_needed(prompt_mask_BQ, resp_mask_BA) -> int:
-    C = np.shape(prompt_mask_BQ)[1] + np.shape(resp_mask_BA)[1] - 1
-    return len(first_fit_decreasing(row_lengths(prompt_mask_BQ, resp_mask_BA), C))
 
 
 def balanced_groups(lengths_MB: np.ndarray, group_size: int) -> np.ndarray:
@@ -175,33 +199,49 @@ def balanced_groups(lengths_MB: np.ndarray, group_size: int) -> np.ndarray:
 class SequencePlan:
     """How an update's micro-batches are packed (host numbers): ``order`` [M * B] the row order (identity
     unless groups moved, see :func:`balanced_groups`), ``needed`` [M] the sequences first-fit decreasing
-    opens in each micro-batch, ``sequences`` the count all of them run (a bucket)."""
+    opens in each micro-batch, ``sequences`` the count all of them run (a bucket), each of ``length``
+    tokens (one of :func:`sequence_lengths`)."""
 
     order: np.ndarray
     needed: np.ndarray
     sequences: int
+    length: int
+
+    @property
+    def capacity(self) -> int:
+        """Slots a micro-batch runs (what every weight is applied to)."""
+        return self.sequences * self.length
 
 
-def plan_sequences(lengths_MB: np.ndarray, capacity: int, *, tokens_per_micro_batch: int, multiple: int = 1,
-                   group_size: int = 0) -> SequencePlan:
-    """The packing of micro-batches whose rows run ``lengths_MB`` [M, B] tokens into sequences of
-    ``capacity``: the smallest bucket (:func:`sequence_buckets`) that fits the fullest micro-batch; with
-    ``group_size``, whole groups move between micro-batches (:func:`balanced_groups`) when that lowers it."""
+def plan_sequences(lengths_MB: np.ndarray, seq_len: int, *, tokens_per_micro_batch: int, multiple: int = 1,
+                   group_size: int = 0, seq_lengths: tuple[int, ...] | None = None) -> SequencePlan:
+    """The packing of micro-batches whose rows run ``lengths_MB`` [M, B] tokens (each at most ``seq_len``):
+    per sequence length (``seq_lengths``, default :func:`sequence_lengths`), the smallest bucket
+    (:func:`sequence_buckets`) that fits the fullest micro-batch, with ``group_size`` moving whole groups
+    between micro-batches (:func:`balanced_groups`) when that lowers it; of those, the smallest capacity
+    (the shortest length on a tie)."""
     lengths_MB = np.asarray(lengths_MB, np.int64)
+    plans = [_plan_at(lengths_MB, L, tokens_per_micro_batch, multiple, group_size)
+             for L in (seq_lengths or sequence_lengths(seq_len))]
+    return min(plans, key=lambda p: (p.capacity, p.length))
+
+
+def _plan_at(lengths_MB: np.ndarray, L: int, tokens_per_micro_batch: int, multiple: int,
+             group_size: int) -> SequencePlan:
     M, B = lengths_MB.shape
-    buckets = sequence_buckets(B, capacity, tokens_per_micro_batch, multiple)
+    buckets = sequence_buckets(B, L, tokens_per_micro_batch, multiple)
 
     def planned(order):
         rows_MB = lengths_MB.reshape(-1)[order].reshape(M, B)
-        needed = np.array([len(first_fit_decreasing(rows_MB[m], capacity)) for m in range(M)])
+        needed = np.array([len(first_fit_decreasing(rows_MB[m], L)) for m in range(M)])
         # the last bucket is one sequence per row: always fits
-        return SequencePlan(order, needed, next(b for b in buckets if b >= needed.max()))
+        return SequencePlan(order, needed, next(b for b in buckets if b >= needed.max()), L)
 
     plan = planned(np.arange(M * B))
     if group_size and M > 1 and B % group_size == 0:
         moved = planned(balanced_groups(lengths_MB, group_size))
         for target in reversed([b for b in buckets if b < moved.sequences]):
-            order = _swap_groups_under(lengths_MB, moved.order, group_size, capacity, target)
+            order = _swap_groups_under(lengths_MB, moved.order, group_size, L, target)
             if order is None:
                 break
             moved = planned(order)
@@ -250,7 +290,7 @@ def _swap_groups_under(lengths_MB, order, group_size: int, capacity: int, target
 
 def pack_batch(batch, *, tokens_per_micro_batch: int, multiple: int = 1, group_size: int = 0):
     """``batch`` (an ``UpdateBatch`` of host arrays ``[M, rows, ...]``) with its ``packing`` set: every
-    micro-batch packed into the same number of sequences, the smallest bucket that fits the fullest one.
+    micro-batch packed into the same sequences ``(Z, L)``, the smallest capacity that fits the fullest one.
 
     ``group_size``: whole groups may move between micro-batches (:func:`plan_sequences`), so the rows come
     back in another order; only for a batch whose rows are not read back by position (an update's, not a
@@ -265,7 +305,7 @@ def pack_batch(batch, *, tokens_per_micro_batch: int, multiple: int = 1, group_s
         batch = jax.tree.map(lambda x: np.asarray(x).reshape(M * rows, *np.shape(x)[2:])[plan.order]
                              .reshape(np.shape(x)), batch)
         pm, rm = (np.asarray(x) for x in (batch.prompt_mask_BQ, batch.resp_mask_BA))
-    parts = [pack(pm[m], rm[m], sequences=plan.sequences) for m in range(M)]
+    parts = [pack(pm[m], rm[m], sequences=plan.sequences, length=plan.length) for m in range(M)]
     return batch.replace(packing=jax.tree.map(lambda *xs: np.stack(xs), *parts))
 
 

@@ -22,7 +22,8 @@ for.
 Beside the rollout's price under a length distribution (``realjax.tools.aot.lengths``), the largest
 compaction and insert of the continuous-batching engine's schedule are compiled (``engine_programs``;
 ``realjax.tools.aot.engine_moves``): they must fit too. The schedule depends on the config alone, so
-they compile beside the model's programs.
+they compile beside the model's programs. A packed update compiles at the largest shape the step's
+updates run under the same distribution (``realjax.tools.aot.packed_update``).
 
 With ``data.eval`` set, the evaluation sampler's two programs (``eval.n`` samples per prompt,
 ``eval.prompts_per_call`` prompts) are compiled too: they must fit, but are not part of the step time,
@@ -71,7 +72,7 @@ from realjax.rl.setup import DEMO_ASSET
 from realjax.sampling import Sampler
 from realjax.tools.aot.engine_moves import engine_move_lowerings
 from realjax.tools.aot.lengths import call_schedules, largest_moves, rollout_under_lengths
-from realjax.tools.aot.packed_update import price_config
+from realjax.tools.aot.packed_update import largest_shape, price_config
 from realjax.tools.aot.programs import Jobs, Program, compile_program, interpolate, merge, window_unrolled_flops
 from realjax.tools.aot.topology import Topology, parse_topology, topology_devices
 
@@ -185,13 +186,16 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
     with Jobs(workers) as jobs:
         # -- learner: one update per mini-batch (the longest compile: first) ---------------------------
         micro_rows = plan.rows_per_micro_batch
-        packed = plan.packed_sequences(micro_rows, tp + N - 1)
+        # packed: at the largest shape the updates run under ``lengths`` (the memory that must fit)
+        priced = price_config(cfg, mcfg, lengths, prompt=tp, attention=plan.attention.name,
+                              multiple=shd.batch_rows_multiple(mesh, shd.TRAIN_RULES))
+        packed, packed_len = largest_shape(priced, (plan.packed_sequences(micro_rows, tp + N - 1), tp + N - 1))
         update = Program("update", o.mini_batches, f"{o.micro_batches} x {micro_rows} rows x {tp}+{N} tok"
-                         + (f" packed into {packed} x {tp + N - 1}" if packed else ""), b["ref_params"])
+                         + (f" packed into {packed} x {packed_len}" if packed else ""), b["ref_params"])
         batch = UpdateBatch.spec((o.micro_batches, micro_rows), tp, N, with_ref=plan.use_ref,
                                  sharding=plan.batch_sharding,
                                  with_sampler=cfg.rollout.is_correction != "none",  # importance weights need both
-                                 packed_sequences=packed)
+                                 packed_sequences=packed, packed_length=packed_len)
         # LoRA dropout draws its masks from a key the trainer passes to each update
         key = (jax.eval_shape(lambda: jax.random.key(0)) if plan.lora is not None and plan.lora.dropout > 0 else None)
         jobs.submit(compile_program, update, lambda s: s.plan.update_step(s.graphdef).lower(s.state, batch, key),
@@ -240,8 +244,7 @@ def compile_report(cfg, topology: str, *, log=lambda message: None, lengths: str
                                              + under["rollout_roofline_s"])
             rep[key] = under
         _engine_report(rep, moves, programs[1], resident)
-    rep["update_under_lengths"] = price_config(cfg, mcfg, lengths, prompt=tp, attention=plan.attention.name,
-                                               multiple=shd.batch_rows_multiple(mesh, shd.TRAIN_RULES))
+    rep["update_under_lengths"] = priced
     return rep
 
 

@@ -5,8 +5,8 @@ The compiled update is priced at one packed shape; what an RL step runs depends 
 the step's rows get response lengths from the named distribution (``realjax.tools.bench.rollout``'s
 ``oracle_lengths``) and prompt lengths uniform in [prompt / 2, prompt] (as ``realjax bench update
 --lengths``), are cut as the trainer cuts them (mini-batches, micro-batches of whole groups) and planned by
-the learner's own packing code (``realjax.rl.packing.plan_sequences``: first-fit decreasing, the sequence
-buckets, groups moved between micro-batches). FLOPs by formula, forward + backward: 6 per matmul weight per
+the learner's own packing code (``realjax.rl.packing.plan_sequences``: first-fit decreasing, the
+sequence buckets and lengths, groups moved between micro-batches). FLOPs by formula, forward + backward: 6 per matmul weight per
 token; attention's two products ``12 N H L`` per (query, key) pair.
 
 The real tokens' FLOPs (no learner can do less): every block weight on each real input token, the LM head
@@ -17,19 +17,20 @@ cause at a time (each line of ``parts`` is what that cause adds, in FLOPs per RL
 2. ``attention_block_rounding``: splash computes whole tiles (``block x block`` pairs,
    ``realjax.models.splash_blocks``): per packed sequence, the tiles its rows need (the diagonal tiles
    whole, and every tile between a row's first and its last), priced on the sequences first-fit
-   decreasing opens, rows in the order ``pack`` lays them out. XLA's attention (``model.attention=xla``)
-   computes the whole ``[C, C]`` square of every sequence instead;
-3. ``ffd_fill``: those sequences' empty slots (every weight runs on them) and the tiles of their tail
-   padding (one segment: a padding query sees the padding before it);
-4. ``bucket_rounding``: each micro-batch's count rounded up to its bucket (multiples of the data-parallel
-   devices, then up a quarter at a time), with the attention of those all-padding sequences (their whole
-   causal triangle of tiles);
-5. ``largest_over_micro_batches``: every micro-batch of an update runs the largest of its micro-batches'
-   buckets (one stacked program), with their attention.
+   decreasing opens at the update's sequence length ``L``, rows in the order ``pack`` lays them out.
+   XLA's attention (``model.attention=xla``) computes the whole ``[L, L]`` square of every sequence
+   instead;
+3. ``ffd_fill``: those sequences' empty slots (every weight runs on them) and their padding's tiles (each
+   padding slot is its own segment: a tile of padding alone is one diagonal tile);
+4. ``bucket_rounding``: each micro-batch's count rounded up to its bucket at ``L`` (multiples of the
+   data-parallel devices, then up a quarter at a time), with the diagonal tiles of those all-padding
+   sequences;
+5. ``largest_over_micro_batches``: every micro-batch of an update runs the shape ``(Z, L)`` of the
+   fullest (one stacked program), with their attention.
 
 ``bound_fewest_sequences_over_real``: what parts 1-2 cost plus the weights on the empty slots of the fewest
-sequences every micro-batch's tokens could fill (``ceil(tokens / C)``, no buckets, their padding's
-attention left out): the floor of this design at this ``C`` and tile, short of scoring only the response
+sequences of a padded row's length ``C`` every micro-batch's tokens could fill (``ceil(tokens / C)``, no
+buckets, their padding's attention left out): about the floor of this design at this tile, short of scoring only the response
 slots or a packing finer than whole sequences.
 """
 
@@ -38,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from realjax.models.splash_blocks import packed_blocks, tile
-from realjax.rl.packing import first_fit_decreasing, plan_sequences
+from realjax.rl.packing import first_fit_decreasing, plan_sequences, sequence_buckets
 from realjax.tools.bench.common import matmul_params
 from realjax.tools.bench.rollout import oracle_lengths
 
@@ -71,67 +72,80 @@ def update_under_lengths(model_cfg, name: str, *, rows: int, group_size: int, mi
     head = model_cfg.vocab_size * model_cfg.hidden_size
     w_token, h_token = 6.0 * (matmul_params(model_cfg) - head), 6.0 * head
     pair = 12.0 * model_cfg.num_heads * model_cfg.head_dim * model_cfg.num_layers
-    block, Cp = tile(C)
-    tiles = Cp // block
-    # pairs attention computes: per all-padding sequence, and (below) per sequence first-fit decreasing fills
-    empty_pairs = float(C * C if full_square else block * block * tiles * (tiles + 1) // 2)
+
+    def empty_pairs(L: int) -> float:  # an all-padding sequence of L slots: its diagonal tiles (own segments)
+        block, Lp = tile(L)
+        return float(L * L if full_square else block * Lp)
 
     updates, M = mini_batches, micro_batches
     B = rows // (updates * M)
     n_UMB = n.reshape(updates, M, B)
-    ffd = bucket_own = shared = fewest = 0
-    moved = 0
-    row_pairs = filled_pairs = 0.0  # over the sequences first-fit decreasing opens: the rows' tiles, all tiles
+    ffd = sequences = moved = 0
+    slots = {"ffd": 0, "own_buckets": 0, "run": 0, "fewest": 0}
+    pairs = {"rows": 0.0, "ffd": 0.0, "own_buckets": 0.0, "run": 0.0}  # the rows' tiles; all computed tiles
+    shapes_run = set()
     for u in range(updates):
         plan = plan_sequences(n_UMB[u], C, tokens_per_micro_batch=tokens_per_micro_batch, multiple=multiple,
                               group_size=group_size if move_groups else 0)
         own = plan_sequences(n_UMB[u], C, tokens_per_micro_batch=tokens_per_micro_batch, multiple=multiple)
-        ffd += int(plan.needed.sum())
+        L = plan.length
+        shapes_run.add((plan.sequences, L))
         rows_MB = n_UMB[u].reshape(-1)[plan.order].reshape(M, B)
+        filled = 0.0
         for m in range(M):  # each sequence as ``pack`` lays it out: its rows in first-fit order, then padding
-            for members in first_fit_decreasing(rows_MB[m], C):
-                need, run = (C * C, C * C) if full_square else packed_blocks(rows_MB[m][members], C)
-                row_pairs += need * (1 if full_square else block * block)
-                filled_pairs += run * (1 if full_square else block * block)
-        # each micro-batch's own bucket (what it would run alone), on the plan's micro-batches
-        buckets = [plan_sequences(rows_MB[m:m + 1], C, tokens_per_micro_batch=tokens_per_micro_batch,
-                                  multiple=multiple).sequences for m in range(M)]
-        bucket_own += int(sum(buckets))
-        shared += M * plan.sequences
-        fewest += int(np.ceil(rows_MB.sum(1) / C).sum())
-        moved += int(plan.sequences < own.sequences)
+            for members in first_fit_decreasing(rows_MB[m], L):
+                need, run = (L * L, L * L) if full_square else (tile(L)[0] ** 2 * x
+                                                                  for x in packed_blocks(rows_MB[m][members], L))
+                pairs["rows"] += need
+                filled += run
+        # each micro-batch's own bucket at the plan's length, then the one all of them run
+        buckets = sequence_buckets(B, L, tokens_per_micro_batch, multiple)
+        own_z = [next(b for b in buckets if b >= k) for k in plan.needed]
+        ffd += int(plan.needed.sum())
+        sequences += M * plan.sequences
+        for key, z in (("ffd", plan.needed), ("own_buckets", own_z), ("run", [plan.sequences] * M)):
+            slots[key] += int(np.sum(z)) * L
+            pairs[key] += filled + float(np.sum(z) - plan.needed.sum()) * empty_pairs(L)
+        slots["fewest"] += int(np.ceil(rows_MB.sum(1) / C).sum()) * C
+        moved += int(plan.capacity < own.capacity)
 
     real_attention = pair * float((n.astype(float) ** 2).sum()) / 2
     real = w_token * n.sum() + h_token * r_len.sum() + real_attention
     tokens = float(n.sum())
     stages = {  # (slots the weights run on, pairs attention computes)
         "lm_head_on_every_slot": (tokens, None),
-        "attention_block_rounding": (tokens, row_pairs),
-        "ffd_fill": (ffd * C, filled_pairs),
-        "bucket_rounding": (bucket_own * C, filled_pairs + (bucket_own - ffd) * empty_pairs),
-        "largest_over_micro_batches": (shared * C, filled_pairs + (shared - ffd) * empty_pairs),
+        "attention_block_rounding": (tokens, pairs["rows"]),
+        "ffd_fill": (slots["ffd"], pairs["ffd"]),
+        "bucket_rounding": (slots["own_buckets"], pairs["own_buckets"]),
+        "largest_over_micro_batches": (slots["run"], pairs["run"]),
     }
     parts, last = {}, real
-    for key, (slots, pairs) in stages.items():
-        total = (w_token + h_token) * slots + (real_attention if pairs is None else pair * pairs)
+    for key, (n_slots, n_pairs) in stages.items():
+        total = (w_token + h_token) * n_slots + (real_attention if n_pairs is None else pair * n_pairs)
         parts[key] = total - last
         last = total
     padded_attention = pair * rows * C * C * (1.0 if full_square else 0.5)
     padded = w_token * rows * C + h_token * rows * response + padded_attention
-    bound = (w_token + h_token) * fewest * C + pair * row_pairs
+    bound = (w_token + h_token) * slots["fewest"] + pair * pairs["rows"]
     return {"lengths": name, "rows": rows, "micro_batches_per_step": updates * M, "rows_per_micro_batch": B,
             "seq_len": C, "mean_prompt": float(p_len.mean()), "mean_response": float(r_len.mean()),
             "real_tokens": int(tokens),
-            "attention": "full square" if full_square else f"splash tiles of {block} from the segments",
+            "attention": "full square" if full_square else f"splash tiles of {tile(C)[0]} from the segments",
             "linear_flops_per_token": w_token + h_token, "attention_flops_per_pair": pair,
             "real_flops": real, "real_attention_share": real_attention / real,
-            "attention_pairs": {"real": real_attention / pair, "rows_tiles": row_pairs, "ffd_tiles": filled_pairs,
-                                "per_empty_sequence": empty_pairs},
+            "attention_pairs": {"real": real_attention / pair, **pairs},
             "packed_flops": last, "packed_over_real": last / real, "padded_over_real": padded / real,
             "parts_flops": parts, "parts_over_real": {k: v / real for k, v in parts.items()},
-            "sequences": {"ffd": ffd, "own_buckets": bucket_own, "run": shared, "fewest": fewest},
+            "slots": slots, "sequences_ffd": ffd, "sequences_run": sequences,
+            "shapes_run": sorted(shapes_run, key=lambda zl: (zl[0] * zl[1], zl[1])),
             "updates_with_groups_moved": moved, "updates": updates,
             "bound_fewest_sequences_over_real": bound / real}
+
+
+def largest_shape(u: dict | None, budget: tuple[int, int]) -> tuple[int, int]:
+    """The packed ``(Z, L)`` an update's memory is priced at: the largest capacity the priced updates ran
+    (``u`` from :func:`update_under_lengths`), or ``budget`` (the token budget's bucket) when unpriced."""
+    return max([budget] + [tuple(zl) for zl in (u or {}).get("shapes_run", [])], key=lambda zl: (zl[0] * zl[1], zl[1]))
 
 
 def format_update_line(u: dict) -> str:

@@ -71,7 +71,6 @@ def bench_packed_update(cfg, *, rows: int, prompt: int, response: int, group_siz
                         repeats: int, tokens_per_micro_batch: int = 0, lr: float = 1e-6) -> dict:
     host = length_batch(cfg, rows=rows, prompt=prompt, response=response, group_size=group_size, lengths=lengths)
     prompt_len, resp_len = host.prompt_mask_BQ.sum(1), host.resp_mask_BA.sum(1).astype(np.int64)
-    C = prompt + response - 1
     budget = tokens_per_micro_batch or int(((prompt_len + resp_len - 1) * (resp_len > 0)).sum())
     model = init_model(cfg, seed=0)
     graphdef, params = nnx.split(model)
@@ -93,7 +92,7 @@ def bench_packed_update(cfg, *, rows: int, prompt: int, response: int, group_siz
         carry = [plan.init_state(jax.tree.map(jnp.copy, params))]  # each contender its own (donated) state
         compile_s[name] = compile_seconds(step, carry[0], batch)
         if batch.packing is not None:
-            info["sequences"] = int(batch.packing.src_ZC.shape[1])
+            info["sequences"], info["length"] = (int(n) for n in batch.packing.src_ZC.shape[1:])
 
         def call(step=step, carry=carry, batch=batch):
             t0 = time.perf_counter()
@@ -108,7 +107,7 @@ def bench_packed_update(cfg, *, rows: int, prompt: int, response: int, group_siz
     t_pad, t_pack = median(rounds["padded"], "s"), median(rounds["packed"], "s")
     rate = median(rounds["matmul"], "matmul_gflop_s") * 1e9
     bound = real_token_flops(cfg, prompt_len, resp_len)
-    z = info["sequences"]
+    z, C = info["sequences"], info["length"]  # the packed shape the plan chose (its length may exceed a row's)
     return {"config": f"{cfg.family} L={cfg.num_layers} D={cfg.hidden_size} V={cfg.vocab_size} {cfg.dtype}",
             "lengths": lengths, "rows": rows, "prompt": prompt, "response": response,
             "mean_response": float(resp_len.mean()), "real_tokens": real_tokens,
