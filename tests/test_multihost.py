@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["trainer.steps=1", "trainer.eval_every=0", "eval.before=false", "data.eval=", "trainer.export=false",
@@ -52,9 +53,11 @@ def _two_processes(tmp_path, name, launcher):
             for i in range(2)]
 
 
-def test_two_processes_match_one(tmp_path):
-    runs = {"multi": _two_processes(tmp_path, "multi", ["-m", "realjax"]),
-            "reversed": _two_processes(tmp_path, "reversed", ["-c", REVERSED])}
+@pytest.mark.parametrize("variants", [("multi",), pytest.param(("multi", "reversed"), marks=pytest.mark.slow)])
+def test_two_processes_match_one(tmp_path, variants):
+    """The default run checks the plain launch (3 processes); the slow one adds the reversed device order."""
+    launchers = {"multi": ["-m", "realjax"], "reversed": ["-c", REVERSED]}
+    runs = {name: _two_processes(tmp_path, name, launchers[name]) for name in variants}
     train = [sys.executable, "-m", "realjax", "train", f"output_dir={tmp_path}", *COMMON]
     single = subprocess.run(train + ["name=single"], env=_env(8), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert single.returncode == 0, single.stderr[-3000:]

@@ -208,7 +208,8 @@ def test_decode_windows_grow_to_the_whole_cache():
         SamplingConfig(max_new_tokens=4, window_tokens=0)
 
 
-@pytest.mark.parametrize("temperature,stop", [(0.0, False), (1.0, False), (0.0, True)])
+@pytest.mark.parametrize("temperature,stop", [pytest.param(0.0, False, marks=pytest.mark.slow), (1.0, False),
+                                              (0.0, True)])
 def test_windowed_decode_equals_one_window(tiny, temperature, stop):
     """Attending over a growing window of the cache changes nothing: the slots past it are unwritten."""
     model, _ = tiny

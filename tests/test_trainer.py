@@ -198,7 +198,13 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == ["realjax train: error: unknown config key optim.lrr; did you mean optim.lr?"]
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+# The default run trains REAL, GRPO (its reference policy) and DAPO (dynamic sampling, overlong filter);
+# the other objectives differ only in their loss, which tests/test_learner.py checks for each one.
+_DEFAULT_OBJECTIVES = ("real", "grpo", "dapo")
+
+
+@pytest.mark.parametrize("name", [n if n in _DEFAULT_OBJECTIVES else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(LOSSES)])
 def test_every_objective_trains(tmp_path, name):
     extra = ["data.eval=", "eval.before=false", "trainer.export=false", "trainer.steps=2", "trainer.save_every=100"]
     extra += [f"loss.name={name}"]  # one override switches the objective: the demo's loss.tau is ignored
