@@ -15,7 +15,8 @@ chip's HBM bandwidth; they compute nothing; ``realjax compile`` compiles the lar
 it fits, ``realjax.tools.aot.engine_moves``):
 
 * a compaction (``Engine._compact``, at most once per ``rollout.compact_every`` steps) gathers the ``b'``
-  slots the smaller bucket keeps: their whole cache [L, b', K, S, H] read and written once;
+  slots the smaller bucket keeps: their whole cache [L, b', K, S, H] read and written once, after the
+  new buffer is zeroed (it copies row by row into it, ``engine._copy_rows``);
 * an insert (``Engine._insert``; the call's first rows enter this way too) copies the prompts' prefilled
   cache into free slots: it gathers one prompt cache per entry of its slot list, which is padded to the
   bucket (one compile per size), and writes the entering rows' prompt slots.
@@ -88,7 +89,7 @@ def rollout_under_lengths(name: str, *, prefill, decode, chip, rows: int, calls:
         row_steps += rows + sum(b * steps for b, _, steps in plan.chunks)  # + each row's first token, at insert
         programs.update((b, w) for b, w, _ in plan.chunks)
         compactions += len(plan.compactions)
-        compact_bytes += sum(2 * kept * row_bytes for _, kept in plan.compactions)  # read + write the kept rows
+        compact_bytes += sum(3 * kept * row_bytes for _, kept in plan.compactions)  # zero, read, write the kept rows
         inserts += len(plan.inserts)
         inserted += sum(n for _, n in plan.inserts)
         # Read a prompt cache per entry of the padded slot list, write the entering rows' prompt slots.
