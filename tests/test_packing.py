@@ -90,8 +90,8 @@ def test_plan_places_every_real_token_once():
 
 
 def test_sequence_shapes_come_from_a_bounded_set():
-    # every multiple of the devices up to a quarter above the budget's count, then up a quarter at a time
-    assert sequence_buckets(64, 100, 1000, 1) == (10, 11, 12, 15, 19, 24, 30, 38, 48, 60, 64)
+    # up a quarter at a time from the budget's count, and every multiple of the devices up to a quarter above it
+    assert sequence_buckets(64, 100, 1000, 1) == (10, 11, 12, 13, 17, 22, 28, 35, 44, 55, 64)
     assert sequence_buckets(64, 100, 1000, 8) == (16, 24, 32, 40, 56, 64)
     assert sequence_buckets(64, 9215, 32 * 9215, 4) == (32, 36, 40, 52, 64)
     assert len(sequence_buckets(4096, 100, 1000, 1)) < 40

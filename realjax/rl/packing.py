@@ -112,19 +112,19 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 def sequence_buckets(rows: int, seq_len: int, tokens_per_micro_batch: int, multiple: int) -> tuple[int, ...]:
     """The packed sequence counts a micro-batch of ``rows`` may use, ascending: the budget's count (at least
-    ``multiple``, the data-parallel devices, and a multiple of it), every multiple of ``multiple`` up to a
-    quarter above it (where a step's counts fall: each step costs a few percent of the tokens), then up by
-    a quarter at a time until one sequence per row. A quarter bounds the padding a bucket adds to 25% while
-    the set stays logarithmic in rows (17 counts from 10 to 256 sequences; doubling would waste up to
-    half)."""
+    ``multiple``, the data-parallel devices, and a multiple of it) grown by a quarter at a time until one
+    sequence per row, and every multiple of ``multiple`` up to a quarter above the budget's count (where a
+    step's counts fall: each step there costs a few percent of the tokens). A quarter bounds the padding a
+    bucket adds to 25% while the set stays logarithmic in rows (17 counts from 10 to 256 sequences;
+    doubling would waste up to half)."""
     up = lambda n: -(-n // multiple) * multiple
     most = up(rows)
     z = first = max(multiple, up(tokens_per_micro_batch // seq_len))
-    out = []
+    out = set(range(first, min(first * 5 // 4, most) + 1, multiple))
     while z < most:
-        out.append(z)
-        z = z + multiple if z + multiple <= first * 5 // 4 else max(z + multiple, up(-(-5 * z // 4)))
-    return tuple(out) + (most,)
+        out.add(z)
+        z = max(z + multiple, up(-(-5 * z // 4)))
+    return tuple(sorted(out | {most}))
 
 
 def sequence_lengths(seq_len: int, block: int = SPLASH_BLOCK) -> tuple[int, ...]:
