@@ -5,8 +5,9 @@ Two masking rules, both causal:
 * **segments** (the learner's full sequences, padded or packed): ``segment_ids = (q_seg_BT, kv_seg_BS)``
   with ``S = T``; query ``t`` sees key ``s <= t`` of its own segment. Padding is never in a row's segment
   (a padded row's is id 0; a packed sequence gives each padding slot its own negative id), so a padding
-  query sees padding and never a real token, and no query row is ever fully masked (a fully masked row is a NaN in some fused kernels; padding outputs are discarded
-  but a NaN would still reach the loss as ``0 * NaN``). Every back end implements this rule.
+  query sees padding and never a real token, and no query row is ever fully masked (a fully masked row
+  is a NaN in some fused kernels; padding outputs are discarded but a NaN would still reach the loss as
+  ``0 * NaN``). Every back end implements this rule.
 * **slots** (the KV cache of the sampler and the engine): query ``t`` sits at cache slot ``q_slot_BT``
   and sees the keys at slots ``<= q_slot`` that hold a real token (``key_mask_BS``). Only the XLA back end
   takes it: decode reads a cache laid out ``[B, K, S, H]`` one token at a time, which the fused kernels

@@ -69,6 +69,8 @@ class UpdateBatch:
             shape = tuple(lead) + tail
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(shape) if sharding else None)
 
+        zc = (packed_sequences, packed_length or prompt_len + response_len - 1)
+
         def packed_leaf(zc):  # [lead[:-1], Z, C]: the sequences take the rows' place (and sharding)
             shape = tuple(lead[:-1]) + zc
             return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding(shape) if sharding else None)
@@ -80,7 +82,7 @@ class UpdateBatch:
                    ref_logp_BA=leaf(a, jnp.float32) if with_ref else None,
                    sampler_logp_BA=leaf(a, jnp.float32) if with_sampler else None,
                    packing=None if not packed_sequences else Packing(*(
-                       packed_leaf((packed_sequences, packed_length or prompt_len + response_len - 1)) for _ in range(3)),
+                       packed_leaf(zc) for _ in range(3)),
                        dst_BA=leaf(a, jnp.int32)))
 
 

@@ -223,7 +223,12 @@ def plan_sequences(lengths_MB: np.ndarray, seq_len: int, *, tokens_per_micro_bat
     lengths_MB = np.asarray(lengths_MB, np.int64)
     plans = [_plan_at(lengths_MB, L, tokens_per_micro_batch, multiple, group_size)
              for L in (seq_lengths or sequence_lengths(seq_len))]
-    return min(plans, key=lambda p: (p.capacity, p.length))
+    return min(plans, key=lambda p: by_capacity((p.sequences, p.length)))
+
+
+def by_capacity(shape: tuple[int, int]) -> tuple[int, int]:
+    """The order of packed shapes ``(Z, L)`` the plan chooses by: fewest slots, then the shorter length."""
+    return shape[0] * shape[1], shape[1]
 
 
 def _plan_at(lengths_MB: np.ndarray, L: int, tokens_per_micro_batch: int, multiple: int,

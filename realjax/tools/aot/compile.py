@@ -347,10 +347,9 @@ def _sampler_programs(jobs: Jobs, prefix: str, sampling, st: _State, mesh, promp
             decode.error = "not compiled: its prefill does not fit"
             return [prefill, decode]
         n = cache["windows"]
+        windows = "" if n == 1 else f", {n} windows" if len(parts) == n else f", widest of {n} windows"
         if cache["interpolate"]:  # the windows between the first and the widest were not compiled
             interpolate(parts)
-        windows = "" if n == 1 else f", {n} windows" if len(parts) == n else f", widest of {n} windows"
-        if cache["interpolate"]:
             windows += f" ({len(parts) - 2} interpolated)"
         decode = merge(prefix + "decode", f"{prompts * group} rows x 1 tok, cache {cache['slots']}{windows}", parts)
         decode.runs *= calls  # the parts counted one call's steps
@@ -379,7 +378,8 @@ def _summarise(cfg, topo: Topology, mesh, mcfg, source: str, programs: list[Prog
                        "time_flops_s": t_flops,
                        "time_hbm_s": t_hbm, "compile_s": round(p.compile_s, 2), "lower_s": round(p.lower_s, 2),
                        "count_s": round(p.count_s, 2), "error": p.error,
-                       **({"window_peak_bytes": [q.peak for q in p.parts if not q.interpolated]} if len(p.parts) > 1 else {})}
+                       **({"window_peak_bytes": [q.peak for q in p.parts if not q.interpolated]}
+                          if len(p.parts) > 1 else {})}
     return {
         "topology": topo.name, "jax_topology": topo.jax_name, "chip": chip.name, "chips": topo.chips,
         "hbm_bytes_per_chip": chip.hbm_bytes, "peak_flops_per_chip": chip.peak_flops,

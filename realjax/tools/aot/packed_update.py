@@ -6,8 +6,8 @@ the step's rows get response lengths from the named distribution (``realjax.tool
 ``oracle_lengths``) and prompt lengths uniform in [prompt / 2, prompt] (as ``realjax bench update
 --lengths``), are cut as the trainer cuts them (mini-batches, micro-batches of whole groups) and planned by
 the learner's own packing code (``realjax.rl.packing.plan_sequences``: first-fit decreasing, the
-sequence buckets and lengths, groups moved between micro-batches). FLOPs by formula, forward + backward: 6 per matmul weight per
-token; attention's two products ``12 N H L`` per (query, key) pair.
+sequence buckets and lengths, groups moved between micro-batches). FLOPs by formula, forward +
+backward: 6 per matmul weight per token; attention's two products ``12 N H L`` per (query, key) pair.
 
 The real tokens' FLOPs (no learner can do less): every block weight on each real input token, the LM head
 on each scored token, causal attention within each row (``n^2 / 2`` pairs). The packed update's, added one
@@ -30,8 +30,8 @@ cause at a time (each line of ``parts`` is what that cause adds, in FLOPs per RL
 
 ``bound_fewest_sequences_over_real``: what parts 1-2 cost plus the weights on the empty slots of the fewest
 sequences of a padded row's length ``C`` every micro-batch's tokens could fill (``ceil(tokens / C)``, no
-buckets, their padding's attention left out): about the floor of this design at this tile, short of scoring only the response
-slots or a packing finer than whole sequences.
+buckets, their padding's attention left out): about the floor of this design at this tile, short of
+scoring only the response slots or a packing finer than whole sequences.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from realjax.models.splash_blocks import packed_blocks, tile
-from realjax.rl.packing import first_fit_decreasing, plan_sequences, sequence_buckets
+from realjax.rl.packing import by_capacity, first_fit_decreasing, plan_sequences, sequence_buckets
 from realjax.tools.bench.common import matmul_params
 from realjax.tools.bench.rollout import oracle_lengths
 
@@ -73,10 +73,6 @@ def update_under_lengths(model_cfg, name: str, *, rows: int, group_size: int, mi
     w_token, h_token = 6.0 * (matmul_params(model_cfg) - head), 6.0 * head
     pair = 12.0 * model_cfg.num_heads * model_cfg.head_dim * model_cfg.num_layers
 
-    def empty_pairs(L: int) -> float:  # an all-padding sequence of L slots: its diagonal tiles (own segments)
-        block, Lp = tile(L)
-        return float(L * L if full_square else block * Lp)
-
     updates, M = mini_batches, micro_batches
     B = rows // (updates * M)
     n_UMB = n.reshape(updates, M, B)
@@ -89,15 +85,17 @@ def update_under_lengths(model_cfg, name: str, *, rows: int, group_size: int, mi
                               group_size=group_size if move_groups else 0)
         own = plan_sequences(n_UMB[u], C, tokens_per_micro_batch=tokens_per_micro_batch, multiple=multiple)
         L = plan.length
+        block, Lp = tile(L)
+        # pairs per counted tile (XLA: one whole square per sequence), and of an all-padding sequence
+        tile_pairs, empty_pairs = (L * L, L * L) if full_square else (block * block, block * Lp)
         shapes_run.add((plan.sequences, L))
         rows_MB = n_UMB[u].reshape(-1)[plan.order].reshape(M, B)
         filled = 0.0
         for m in range(M):  # each sequence as ``pack`` lays it out: its rows in first-fit order, then padding
             for members in first_fit_decreasing(rows_MB[m], L):
-                need, run = (L * L, L * L) if full_square else (tile(L)[0] ** 2 * x
-                                                                  for x in packed_blocks(rows_MB[m][members], L))
-                pairs["rows"] += need
-                filled += run
+                need, run = (1, 1) if full_square else packed_blocks(rows_MB[m][members], L)
+                pairs["rows"] += need * tile_pairs
+                filled += run * tile_pairs
         # each micro-batch's own bucket at the plan's length, then the one all of them run
         buckets = sequence_buckets(B, L, tokens_per_micro_batch, multiple)
         own_z = [next(b for b in buckets if b >= k) for k in plan.needed]
@@ -105,7 +103,7 @@ def update_under_lengths(model_cfg, name: str, *, rows: int, group_size: int, mi
         sequences += M * plan.sequences
         for key, z in (("ffd", plan.needed), ("own_buckets", own_z), ("run", [plan.sequences] * M)):
             slots[key] += int(np.sum(z)) * L
-            pairs[key] += filled + float(np.sum(z) - plan.needed.sum()) * empty_pairs(L)
+            pairs[key] += filled + float(np.sum(z) - plan.needed.sum()) * float(empty_pairs)
         slots["fewest"] += int(np.ceil(rows_MB.sum(1) / C).sum()) * C
         moved += int(plan.capacity < own.capacity)
 
@@ -137,7 +135,7 @@ def update_under_lengths(model_cfg, name: str, *, rows: int, group_size: int, mi
             "packed_flops": last, "packed_over_real": last / real, "padded_over_real": padded / real,
             "parts_flops": parts, "parts_over_real": {k: v / real for k, v in parts.items()},
             "slots": slots, "sequences_ffd": ffd, "sequences_run": sequences,
-            "shapes_run": sorted(shapes_run, key=lambda zl: (zl[0] * zl[1], zl[1])),
+            "shapes_run": sorted(shapes_run, key=by_capacity),
             "updates_with_groups_moved": moved, "updates": updates,
             "bound_fewest_sequences_over_real": bound / real}
 
@@ -145,7 +143,7 @@ def update_under_lengths(model_cfg, name: str, *, rows: int, group_size: int, mi
 def largest_shape(u: dict | None, budget: tuple[int, int]) -> tuple[int, int]:
     """The packed ``(Z, L)`` an update's memory is priced at: the largest capacity the priced updates ran
     (``u`` from :func:`update_under_lengths`), or ``budget`` (the token budget's bucket) when unpriced."""
-    return max([budget] + [tuple(zl) for zl in (u or {}).get("shapes_run", [])], key=lambda zl: (zl[0] * zl[1], zl[1]))
+    return max([budget] + [tuple(zl) for zl in (u or {}).get("shapes_run", [])], key=by_capacity)
 
 
 def format_update_line(u: dict) -> str:
